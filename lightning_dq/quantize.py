@@ -1,0 +1,393 @@
+"""Depthwise Quantization (Fostiropoulos & Boehm, CVPR 2022, arXiv 2203.08080).
+
+`Codebook` holds M independent EMA codebooks of K codes of dimension D and does all of their maths in
+one batched computation on a `(M, N, D)` tensor: nearest-code search, EMA update, dead-code restart,
+data-dependent initialisation and DDP synchronisation.
+
+`DepthwiseQuantizer` is the `nn.Module` an encoder calls: a learned 1x1 projection, the split of the
+projected features along channels into M slices of D (mode "dq"), or the official code's VQ baseline
+where one D-vector is shown to all M codebooks (mode "vq"), plus the straight-through estimator and the
+commitment term.
+
+Rules (see docs/design.md): codebook maths in fp32 with autocast off; no (N, K) one-hot matrices; no
+Python loop over codebooks; collectives decided at call time, never in `__init__`, because Lightning
+builds the model before the process group exists.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ---------------------------------------------------------------------------------------------------
+# distributed helpers: no-ops unless a process group with more than one rank exists *at call time*
+# ---------------------------------------------------------------------------------------------------
+
+
+def is_distributed() -> bool:
+    """True when `torch.distributed` is initialised with world size > 1 (checked on every call)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum_(tensor: Tensor) -> Tensor:
+    """Sum `tensor` in place over all ranks (identity in a single process)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_from_rank0_(tensor: Tensor) -> Tensor:
+    """Overwrite `tensor` in place with rank 0's copy (identity in a single process)."""
+    if is_distributed():
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
+# ---------------------------------------------------------------------------------------------------
+# pure helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def laplace_smoothing(counts: Tensor, eps: float) -> Tensor:
+    """Additive smoothing of per-code counts `(M, K)`, keeping each codebook's total n unchanged.
+
+    smoothed_k = (count_k + eps) / (n + K * eps) * n, so no code divides by zero.
+    """
+    n = counts.sum(dim=-1, keepdim=True)  # (M, 1)
+    return (counts + eps) / (n + counts.shape[-1] * eps) * n
+
+
+def perplexity(counts: Tensor) -> Tensor:
+    """exp(entropy) of each codebook's code histogram `(M, K)` -> `(M,)`; K when usage is uniform."""
+    probs = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1)
+    return entropy.exp()
+
+
+def sample_rows(x: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """Draw k vectors per codebook from `x` `(M, N, D)` -> `(M, k, D)`.
+
+    Without replacement when N >= k (so a fresh codebook has no duplicates), with replacement otherwise.
+    """
+    m, n, d = x.shape
+    if n >= k:
+        scores = torch.rand(m, n, generator=generator, device=x.device)
+        index = scores.topk(k, dim=1).indices  # (M, k)
+    else:
+        index = torch.randint(n, (m, k), generator=generator, device=x.device)  # (M, k)
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(m, k, d))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the codebook state
+# ---------------------------------------------------------------------------------------------------
+
+
+class CodebookStats(NamedTuple):
+    """Per-codebook health of one forward pass (all shape `(M,)`)."""
+
+    perplexity: Tensor  # exp(entropy) of this batch's code histogram (global batch under DDP)
+    dead_fraction: Tensor  # fraction of codes whose EMA count is below the dead-code threshold
+    restarted: Tensor  # number of codes restarted in this pass
+
+
+class Codebook(nn.Module):
+    """M EMA codebooks of K codes of dimension D, updated in one batched computation.
+
+    All state is in fp32 buffers (so it is saved in checkpoints and survives resume):
+    `embed` (M, K, D) the code vectors, `cluster_size` (M, K) the EMA assignment counts, `embed_avg`
+    (M, K, D) the EMA sums of assigned vectors, `initialized` whether the data-dependent init ran.
+
+    Dead-code restart: a code whose EMA count is below `dead_code_threshold` after an update gets a
+    vector sampled from the current batch, and its EMA statistics are reset to count = threshold,
+    sum = sample * threshold. Resetting (unlike the official code, which keeps the stale statistics)
+    means the next EMA step continues from the new vector instead of being pulled back to the stale
+    mean, and a restarted code that wins assignments stays alive; one that wins nothing is dead again
+    and is re-sampled, which is what we want. Whether a pass may restart is `restart_enabled` (True by
+    default: every training step, as in the paper's code); `lightning_dq.callbacks.CodebookReset`
+    schedules it during training.
+
+    Initialisation: the first training pass sets every code as if it had just been restarted (K
+    distinct vectors from the batch, count = threshold), a data-dependent init that starts the codes
+    where the encoder's outputs are.
+
+    DDP: counts and sums are all-reduced before the EMA step, so every rank applies the same update;
+    restart and init samples are drawn on rank 0 and broadcast. Every rank therefore holds identical
+    codebooks. Whether to communicate is decided on every call.
+
+    Args:
+        num_codebooks: M, the number of independent codebooks.
+        codebook_size: K, the number of codes per codebook.
+        code_dim: D, the dimension of each code.
+        decay: EMA decay of counts and sums (the paper's code uses 0.99).
+        eps: Laplace smoothing constant of the counts.
+        dead_code_threshold: a code with EMA count below this is dead (1.0 means "about one assignment
+            per batch"); 0 disables restarts.
+    """
+
+    def __init__(
+        self,
+        num_codebooks: int,
+        codebook_size: int,
+        code_dim: int,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        dead_code_threshold: float = 1.0,
+    ) -> None:
+        super().__init__()
+        _check_int("num_codebooks", num_codebooks, 1)
+        _check_int("codebook_size", codebook_size, 2)
+        _check_int("code_dim", code_dim, 1)
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got decay={decay!r}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got eps={eps!r}")
+        if dead_code_threshold < 0:
+            raise ValueError(f"dead_code_threshold must be >= 0, got dead_code_threshold={dead_code_threshold!r}")
+        self.num_codebooks, self.codebook_size, self.code_dim = num_codebooks, codebook_size, code_dim
+        self.decay, self.eps, self.dead_code_threshold = decay, eps, dead_code_threshold
+        self.restart_enabled = True
+        m, k, d = num_codebooks, codebook_size, code_dim
+        embed = torch.randn(m, k, d)
+        self.register_buffer("embed", embed)  # (M, K, D)
+        self.register_buffer("cluster_size", torch.ones(m, k))  # (M, K)
+        self.register_buffer("embed_avg", embed.clone())  # (M, K, D)
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def extra_repr(self) -> str:
+        return (
+            f"M={self.num_codebooks}, K={self.codebook_size}, D={self.code_dim}, decay={self.decay}, "
+            f"eps={self.eps}, dead_code_threshold={self.dead_code_threshold}"
+        )
+
+    # -- lookups -------------------------------------------------------------------------------------
+
+    def nearest(self, x: Tensor) -> Tensor:
+        """Index of the nearest code (squared L2) for each vector of `x` `(M, N, D)` -> `(M, N)` int64."""
+        # argmin_k |x - e_k|^2 = argmin_k (|e_k|^2 - 2 x.e_k): |x|^2 is constant per row, so skip it
+        e2 = self.embed.pow(2).sum(dim=-1).unsqueeze(1)  # (M, 1, K)
+        scores = torch.baddbmm(e2, x, self.embed.transpose(1, 2), alpha=-2.0)  # (M, N, K)
+        return scores.argmin(dim=-1)
+
+    def lookup(self, codes: Tensor) -> Tensor:
+        """Code vectors for indices `(M, N)` -> `(M, N, D)`, by gathering (no one-hot)."""
+        m, k = self.num_codebooks, self.codebook_size
+        offsets = torch.arange(m, device=codes.device).unsqueeze(1) * k  # (M, 1)
+        return F.embedding(codes + offsets, self.embed.reshape(m * k, self.code_dim))
+
+    # -- training-mode updates -----------------------------------------------------------------------
+
+    def code_counts(self, codes: Tensor) -> Tensor:
+        """Histogram of `codes` `(M, N)` per codebook -> `(M, K)` float32, by one bincount."""
+        m, k = self.num_codebooks, self.codebook_size
+        offsets = torch.arange(m, device=codes.device).unsqueeze(1) * k  # (M, 1)
+        return torch.bincount((codes + offsets).flatten(), minlength=m * k).view(m, k).float()
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Data-dependent init from the first batch `(M, N, D)`: every code is "restarted"."""
+        samples = broadcast_from_rank0_(sample_rows(x, self.codebook_size).contiguous())  # (M, K, D)
+        self._reset_codes(torch.ones_like(self.cluster_size, dtype=torch.bool), samples)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def update(self, x: Tensor, codes: Tensor) -> Tensor:
+        """One EMA step from vectors `(M, N, D)` and their codes `(M, N)`; returns the global counts `(M, K)`."""
+        m, k, d = self.num_codebooks, self.codebook_size, self.code_dim
+        offsets = torch.arange(m, device=codes.device).unsqueeze(1) * k  # (M, 1)
+        flat_codes = (codes + offsets).flatten()  # (M*N,)
+        counts = torch.bincount(flat_codes, minlength=m * k).view(m, k).float()  # (M, K)
+        sums = x.new_zeros(m * k, d).index_add_(0, flat_codes, x.reshape(-1, d)).view(m, k, d)  # (M, K, D)
+        # one collective for both: every rank then applies the same EMA step
+        packed = all_reduce_sum_(torch.cat([counts.unsqueeze(-1), sums], dim=-1))  # (M, K, 1 + D)
+        counts, sums = packed[..., 0], packed[..., 1:]
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
+        self.embed_avg.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
+        self.embed.copy_(self.embed_avg / laplace_smoothing(self.cluster_size, self.eps).unsqueeze(-1))
+        return counts
+
+    def dead_codes(self) -> Tensor:
+        """Boolean mask `(M, K)` of codes whose EMA count is below the threshold."""
+        return self.cluster_size < self.dead_code_threshold
+
+    @torch.no_grad()
+    def restart_dead_codes(self, x: Tensor) -> Tensor:
+        """Replace dead codes by vectors sampled from `x` `(M, N, D)`; returns the count per codebook `(M,)`.
+
+        The dead mask is computed from all-reduced statistics, so it is the same on every rank; the
+        samples come from rank 0. The broadcast runs unconditionally so no rank can skip a collective.
+        """
+        dead = self.dead_codes()  # (M, K)
+        samples = broadcast_from_rank0_(sample_rows(x, self.codebook_size).contiguous())  # (M, K, D)
+        self._reset_codes(dead, samples)
+        return dead.sum(dim=-1)
+
+    def _reset_codes(self, mask: Tensor, samples: Tensor) -> None:
+        """Set the codes under `mask` `(M, K)` to `samples` `(M, K, D)` with count = threshold."""
+        count = max(self.dead_code_threshold, 1e-3)  # keep a usable denominator when restarts are off
+        mask3 = mask.unsqueeze(-1)  # (M, K, 1)
+        self.embed.copy_(torch.where(mask3, samples, self.embed))
+        self.embed_avg.copy_(torch.where(mask3, samples * count, self.embed_avg))
+        self.cluster_size.copy_(torch.where(mask, torch.full_like(self.cluster_size, count), self.cluster_size))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the quantizer an encoder calls
+# ---------------------------------------------------------------------------------------------------
+
+
+class QuantizerOutput(NamedTuple):
+    """What `DepthwiseQuantizer.forward` returns."""
+
+    quantized: Tensor  # (B, M*D, h, w) float32, straight-through gradient to the projection's input
+    codes: Tensor  # (B, M, h, w) int64
+    commitment: Tensor  # () mean squared distance to the stop-gradient codes, summed (or averaged) over M
+    stats: CodebookStats  # per-codebook health, each (M,)
+
+
+QuantizerMode = Literal["dq", "vq"]
+
+
+class DepthwiseQuantizer(nn.Module):
+    """Project `(B, C, h, w)` features and quantize them with M codebooks.
+
+    mode "dq": a 1x1 conv C -> M*D, split along channels into M slices of D; slice m is quantized by
+    codebook m. K^M representable vectors for M*K stored codes.
+    mode "vq": the official code's baseline: a 1x1 conv C -> D; the same D-vector is quantized by all M
+    codebooks and the M results are concatenated. Same codebook memory and output width as "dq";
+    num_codebooks=1 is plain VQ.
+
+    The codebooks are EMA buffers updated inside `forward` in training mode only. The projection and all
+    codebook maths run in fp32 with autocast disabled, also inside a bf16/fp16 autocast region.
+
+    Args:
+        in_channels: C, channels of the features to quantize.
+        num_codebooks: M, independent codebooks (one per channel slice in "dq").
+        codebook_size: K, codes per codebook.
+        code_dim: D, dimension of each code (the slice width in "dq").
+        mode: "dq" (depthwise split) or "vq" (shared vector, the official baseline).
+        decay: EMA decay of the codebook statistics.
+        eps: Laplace smoothing of the EMA counts.
+        dead_code_threshold: EMA count below which a code is restarted from the batch (0 disables).
+        commitment_reduction: "sum" over the M codebooks (the paper's code) or "mean".
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_codebooks: int,
+        codebook_size: int,
+        code_dim: int,
+        mode: QuantizerMode = "dq",
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        dead_code_threshold: float = 1.0,
+        commitment_reduction: Literal["sum", "mean"] = "sum",
+    ) -> None:
+        super().__init__()
+        _check_int("in_channels", in_channels, 1)
+        if mode not in ("dq", "vq"):
+            raise ValueError(f"mode must be 'dq' or 'vq', got mode={mode!r}")
+        if commitment_reduction not in ("sum", "mean"):
+            raise ValueError(
+                f"commitment_reduction must be 'sum' or 'mean', got commitment_reduction={commitment_reduction!r}"
+            )
+        self.in_channels, self.mode, self.commitment_reduction = in_channels, mode, commitment_reduction
+        self.codebook = Codebook(num_codebooks, codebook_size, code_dim, decay, eps, dead_code_threshold)
+        projected = num_codebooks * code_dim if mode == "dq" else code_dim
+        self.proj = nn.Conv2d(in_channels, projected, kernel_size=1)
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.codebook.num_codebooks
+
+    @property
+    def codebook_size(self) -> int:
+        return self.codebook.codebook_size
+
+    @property
+    def code_dim(self) -> int:
+        return self.codebook.code_dim
+
+    @property
+    def out_channels(self) -> int:
+        """M*D, the width of `quantized` (identical for "dq" and "vq")."""
+        return self.num_codebooks * self.code_dim
+
+    @property
+    def bits_per_position(self) -> float:
+        """Cost of one spatial position's codes under a uniform prior: M * log2 K."""
+        return self.num_codebooks * math.log2(self.codebook_size)
+
+    # -- layout: (B, M*D, h, w) <-> (M, N, D) with N = B*h*w ------------------------------------------
+
+    def _to_vectors(self, z: Tensor) -> Tensor:
+        """Projected features `(B, M*D or D, h, w)` -> per-codebook vectors `(M, N, D)`."""
+        b, _, h, w = z.shape
+        m, d = self.num_codebooks, self.code_dim
+        if self.mode == "vq":  # every codebook sees the same vector: a view, no copy
+            return z.permute(0, 2, 3, 1).reshape(1, b * h * w, d).expand(m, -1, -1)  # (M, N, D)
+        return z.view(b, m, d, h, w).permute(1, 0, 3, 4, 2).reshape(m, b * h * w, d)  # (M, N, D)
+
+    def _to_image(self, v: Tensor, b: int, h: int, w: int) -> Tensor:
+        """Per-codebook vectors `(M, N, D)` -> `(B, M*D, h, w)`."""
+        m, d = self.num_codebooks, self.code_dim
+        return v.view(m, b, h, w, d).permute(1, 0, 4, 2, 3).reshape(b, m * d, h, w)
+
+    def embed_codes(self, codes: Tensor) -> Tensor:
+        """Codes `(B, M, h, w)` -> quantized features `(B, M*D, h, w)` (fp32, no gradient path)."""
+        if codes.dim() != 4 or codes.shape[1] != self.num_codebooks:
+            raise ValueError(f"codes must have shape (B, {self.num_codebooks}, h, w), got {tuple(codes.shape)}")
+        b, m, h, w = codes.shape
+        flat = codes.permute(1, 0, 2, 3).reshape(m, b * h * w)  # (M, N)
+        return self._to_image(self.codebook.lookup(flat), b, h, w)
+
+    def forward(self, x: Tensor) -> QuantizerOutput:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"DepthwiseQuantizer expects features (B, in_channels={self.in_channels}, h, w), "
+                f"got shape {tuple(x.shape)}"
+            )
+        b, _, h, w = x.shape
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            z = self.proj(x.float())  # (B, M*D or D, h, w) fp32
+            vectors = self._to_vectors(z)  # (M, N, D)
+            cb = self.codebook
+            if self.training:
+                if not torch.isfinite(vectors).all():
+                    raise ValueError(
+                        "DepthwiseQuantizer got non-finite features in training mode (NaN/inf in the "
+                        "encoder output); lower the learning rate or check the input data"
+                    )
+                if not bool(cb.initialized):
+                    cb.initialize(vectors.detach())
+            codes = cb.nearest(vectors.detach())  # (M, N)
+            # quantize with the codebook the codes were chosen from, then update it
+            chosen = cb.lookup(codes)  # (M, N, D)
+            per_codebook = (vectors - chosen).pow(2).mean(dim=(1, 2))  # (M,)
+            commitment = per_codebook.sum() if self.commitment_reduction == "sum" else per_codebook.mean()
+            if self.training:
+                counts = cb.update(vectors.detach(), codes)  # (M, K), summed over ranks
+                restarted = (
+                    cb.restart_dead_codes(vectors.detach()) if cb.restart_enabled and cb.dead_code_threshold > 0
+                    else torch.zeros(cb.num_codebooks, device=x.device)
+                )
+            else:
+                counts = cb.code_counts(codes)  # (M, K), this process only
+                restarted = torch.zeros(cb.num_codebooks, device=x.device)
+            stats = CodebookStats(perplexity(counts), cb.dead_codes().float().mean(dim=-1), restarted.float())
+            continuous = z if self.mode == "dq" else self._to_image(vectors, b, h, w)  # (B, M*D, h, w)
+            # straight-through: the value is exactly the codes' vectors (x - x == 0), the gradient is identity
+            straight_through = self._to_image(chosen, b, h, w) + (continuous - continuous.detach())
+        codes_bmhw = codes.view(cb.num_codebooks, b, h, w).permute(1, 0, 2, 3).contiguous()  # (B, M, h, w)
+        return QuantizerOutput(straight_through, codes_bmhw, commitment, stats)
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")

@@ -83,6 +83,26 @@ def sample_rows(x: Tensor, k: int, generator: torch.Generator | None = None) -> 
     return torch.gather(x, 1, index.unsqueeze(-1).expand(m, k, d))
 
 
+def kmeans_plus_plus(x: Tensor, k: int) -> Tensor:
+    """k-means++ seeding per codebook: k vectors from `x` `(M, N, D)` -> `(M, k, D)`.
+
+    Each next seed is drawn with probability proportional to its squared distance to the nearest seed so
+    far, so seeds spread over the clusters instead of piling up in the densest one (a plain random sample
+    often puts two codes in one cluster, a local optimum EMA updates never leave). Needs N >= k.
+    """
+    m, n, d = x.shape
+    rows = torch.arange(m, device=x.device)
+    first = torch.randint(n, (m,), device=x.device)
+    seeds = [x[rows, first]]  # k tensors of (M, D)
+    min_d2 = (x - seeds[0].unsqueeze(1)).pow(2).sum(-1)  # (M, N)
+    for _ in range(k - 1):
+        # the tiny floor makes the draw uniform when all vectors are already covered (duplicates)
+        pick = torch.multinomial(min_d2 + 1e-12, 1).squeeze(1)  # (M,)
+        seeds.append(x[rows, pick])
+        min_d2 = torch.minimum(min_d2, (x - seeds[-1].unsqueeze(1)).pow(2).sum(-1))
+    return torch.stack(seeds, dim=1)  # (M, k, D)
+
+
 # ---------------------------------------------------------------------------------------------------
 # the codebook state
 # ---------------------------------------------------------------------------------------------------
@@ -112,9 +132,9 @@ class Codebook(nn.Module):
     default: every training step, as in the paper's code); `lightning_dq.callbacks.CodebookReset`
     schedules it during training.
 
-    Initialisation: the first training pass sets every code as if it had just been restarted (K
-    distinct vectors from the batch, count = threshold), a data-dependent init that starts the codes
-    where the encoder's outputs are.
+    Initialisation: the first training pass sets every code as if it had just been restarted, from K
+    batch vectors chosen by k-means++ seeding (count = threshold): a data-dependent init that starts
+    the codes spread over where the encoder's outputs are.
 
     DDP: counts and sums are all-reduced before the EMA step, so every rank applies the same update;
     restart and init samples are drawn on rank 0 and broadcast. Every rank therefore holds identical
@@ -190,8 +210,10 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        """Data-dependent init from the first batch `(M, N, D)`: every code is "restarted"."""
-        samples = broadcast_from_rank0_(sample_rows(x, self.codebook_size).contiguous())  # (M, K, D)
+        """Data-dependent init from the first batch `(M, N, D)`: k-means++ seeds, every code "restarted"."""
+        k = self.codebook_size
+        seeds = kmeans_plus_plus(x, k) if x.shape[1] >= k else sample_rows(x, k)  # (M, K, D)
+        samples = broadcast_from_rank0_(seeds.contiguous())
         self._reset_codes(torch.ones_like(self.cluster_size, dtype=torch.bool), samples)
         self.initialized.fill_(True)
 

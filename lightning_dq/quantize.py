@@ -24,6 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+SCORE_BUDGET = 1 << 22  # max elements of one (M, chunk, K) distance block in `Codebook.nearest`
+
 # ---------------------------------------------------------------------------------------------------
 # distributed helpers: no-ops unless a process group with more than one rank exists *at call time*
 # ---------------------------------------------------------------------------------------------------
@@ -191,8 +193,12 @@ class Codebook(nn.Module):
         """Index of the nearest code (squared L2) for each vector of `x` `(M, N, D)` -> `(M, N)` int64."""
         # argmin_k |x - e_k|^2 = argmin_k (|e_k|^2 - 2 x.e_k): |x|^2 is constant per row, so skip it
         e2 = self.embed.pow(2).sum(dim=-1).unsqueeze(1)  # (M, 1, K)
-        scores = torch.baddbmm(e2, x, self.embed.transpose(1, 2), alpha=-2.0)  # (M, N, K)
-        return scores.argmin(dim=-1)
+        embed_t = self.embed.transpose(1, 2)  # (M, D, K)
+        # chunk over N so the score matrix stays ~16 MB whatever N and K are (cache-friendly, bounded)
+        chunk = max(1, SCORE_BUDGET // (self.num_codebooks * self.codebook_size))
+        return torch.cat(
+            [torch.baddbmm(e2, xs, embed_t, alpha=-2.0).argmin(dim=-1) for xs in x.split(chunk, dim=1)], dim=1
+        )  # (M, N)
 
     def lookup(self, codes: Tensor) -> Tensor:
         """Code vectors for indices `(M, N)` -> `(M, N, D)`, by gathering (no one-hot)."""

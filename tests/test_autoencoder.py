@@ -1,0 +1,94 @@
+"""HierarchicalAutoEncoder: geometry at 32 and 64, decode with dropped levels, training signal, dq/vq parity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_dq.autoencoder import HierarchicalAutoEncoder, count_parameters
+
+TINY = dict(channels=16, res_blocks=1, res_channels=8, code_dim=4, num_codebooks=2, codebook_sizes=[8, 8], num_mixtures=2)
+
+
+def images(b: int, side: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (b, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_readme_preset_geometry_and_parameter_count():
+    torch.manual_seed(0)
+    net = HierarchicalAutoEncoder()  # the defaults are the official README configuration
+    assert count_parameters(net) == 44_598_564  # the paper's notes estimate ~44.6M; the paper claims 22M
+    assert net.code_shapes(32) == [(2, 2, 5, 32), (4, 4, 5, 32), (8, 8, 5, 32)]
+    assert net.code_shapes(64) == [(4, 4, 5, 32), (8, 8, 5, 32), (16, 16, 5, 32)]
+    net.eval()
+    with torch.no_grad():
+        for side, grids in [(32, [2, 4, 8]), (64, [4, 8, 16])]:  # same weights at both sizes
+            out = net(images(1, side))
+            assert [tuple(c.shape) for c in out.codes] == [(1, 5, g, g) for g in grids]
+            assert out.params.shape == (1, 100, side, side)
+            assert out.recon.shape == (1,)
+
+
+@pytest.mark.parametrize("head, channels", [("mix", 20), ("categorical", 768), ("mse", 3)])
+def test_heads(head, channels):
+    net = HierarchicalAutoEncoder(**TINY, head=head)
+    out = net(images(2, 16))
+    assert out.params.shape == (2, channels, 16, 16)
+    assert out.recon.shape == (2,) and torch.isfinite(out.recon).all()
+
+
+def test_decode_matches_forward_and_drops_levels():
+    torch.manual_seed(0)
+    net = HierarchicalAutoEncoder(**TINY)
+    net(images(4, 16))  # initialise codebooks from data
+    net.eval()
+    x = images(2, 16, seed=1)
+    out = net(x)
+    codes = net.encode(x)
+    assert all(torch.equal(a, b) for a, b in zip(codes, out.codes))
+    torch.testing.assert_close(net.decode(codes), out.params)
+    # keep only the top level: the bottom level's codes no longer matter, the top's do
+    other = [codes[0], torch.randint(0, 8, codes[1].shape)]
+    torch.testing.assert_close(net.decode(codes, keep_levels=[0]), net.decode(other, keep_levels=[0]))
+    assert not torch.allclose(net.decode(codes, keep_levels=[0]), net.decode(codes))
+    with pytest.raises(ValueError, match="keep_levels"):
+        net.decode(codes, keep_levels=[2])
+
+
+def test_one_step_lowers_loss_and_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    net = HierarchicalAutoEncoder(**TINY)
+    x = images(8, 16)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    out = net(x)
+    loss = out.recon.mean() + 0.25 * out.commitment
+    loss.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+    opt.step()
+    opt.zero_grad()
+    after = net(x)
+    assert (after.recon.mean() + 0.25 * after.commitment).item() < loss.item()
+
+
+def test_dq_and_vq_have_same_codebook_memory_and_decoder_width():
+    dq = HierarchicalAutoEncoder(**TINY, mode="dq")
+    vq = HierarchicalAutoEncoder(**TINY, mode="vq")
+    assert [b.shape for b in dq.buffers()] == [b.shape for b in vq.buffers()]
+    assert [q.out_channels for q in dq.quantizers] == [q.out_channels for q in vq.quantizers] == [8, 8]
+    # only the projections differ: C -> M*D (dq) vs C -> D (vq)
+    assert [q.proj.out_channels for q in dq.quantizers] == [8, 8]
+    assert [q.proj.out_channels for q in vq.quantizers] == [4, 4]
+    assert count_parameters(dq.decoder) == count_parameters(vq.decoder)
+
+
+def test_bad_inputs_and_arguments():
+    net = HierarchicalAutoEncoder(**TINY)
+    with pytest.raises(ValueError, match="uint8"):
+        net(torch.rand(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="resolution=12"):
+        net(images(1, 12))
+    with pytest.raises(ValueError, match="stride"):
+        HierarchicalAutoEncoder(**TINY, stride=3)
+    with pytest.raises(ValueError, match="codebook_sizes"):
+        HierarchicalAutoEncoder(**(TINY | {"codebook_sizes": []}))

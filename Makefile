@@ -1,22 +1,29 @@
 # lightning-dq: every target is one command; `make` alone lists them.
+#   make train-imagenet64 GPUS=8 ARGS="--trainer.max_epochs=50"
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 PY := .venv/bin/python
 CLI := .venv/bin/lightning-dq
 GPUS ?= 1
 ARGS ?=
-DATA_ROOT ?= data/
+DATA_ROOT ?=
+AE_CKPT ?=
+PRIOR_CKPT ?=
+BASE := --config configs/base.yaml
+ROOT := $(if $(DATA_ROOT),--data.init_args.root=$(DATA_ROOT),)
+AE := $(if $(AE_CKPT),--model.init_args.autoencoder_ckpt=$(AE_CKPT),)
 DDP := $(if $(filter-out 0 1,$(GPUS)),--config configs/ddp.yaml --trainer.devices=$(GPUS),)
 
-.PHONY: help install test test-all lint
+.PHONY: help install test test-all lint demo debug train-cifar10 train-imagenet32 train-imagenet64 \
+        train-prior-cifar10 train-prior-imagenet32 train-prior-imagenet64 evaluate sample bench tables clean
 
 help:  ## list the targets
-	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-24s\033[0m %s\n", $$1, $$2}'
 
 install:  ## create .venv and install lightning-dq with its dev extras (from nothing)
 	python3 -m venv .venv && $(PY) -m pip install --upgrade pip && $(PY) -m pip install -e '.[dev]'
 
-test:  ## run the fast test suite (CPU; no slow or gpu tests)
+test:  ## run the fast CPU test suite (no slow or gpu tests)
 	$(PY) -m pytest -m "not slow and not gpu" -n 2 $(ARGS)
 
 test-all:  ## run every CPU test, slow ones included
@@ -24,3 +31,42 @@ test-all:  ## run every CPU test, slow ones included
 
 lint:  ## ruff check
 	$(PY) -m ruff check lightning_dq tests benchmarks experiments
+
+demo:  ## train a small DQ auto-encoder on real images for a few minutes on CPU (DATA_ROOT=data/)
+	$(CLI) fit $(BASE) --config configs/demo.yaml $(ROOT) $(ARGS)
+
+debug:  ## a seconds-long smoke run on synthetic data
+	$(CLI) fit $(BASE) --config configs/debug.yaml $(ARGS)
+
+train-cifar10:  ## train the auto-encoder on CIFAR-10 (GPUS=N for DDP, ARGS= for overrides)
+	$(CLI) fit $(BASE) --config configs/cifar10.yaml $(DDP) $(ROOT) $(ARGS)
+
+train-imagenet32:  ## train the auto-encoder on ImageNet-32 (image-net.org npz files under DATA_ROOT)
+	$(CLI) fit $(BASE) --config configs/imagenet32.yaml $(DDP) $(ROOT) $(ARGS)
+
+train-imagenet64:  ## train one auto-encoder progressively at 32 then 64 on ImageNet-64
+	$(CLI) fit $(BASE) --config configs/imagenet64.yaml $(DDP) $(ROOT) $(ARGS)
+
+train-prior-cifar10:  ## train the code prior of a CIFAR-10 auto-encoder (AE_CKPT=path)
+	$(CLI) fit $(BASE) --config configs/cifar10.yaml --config configs/prior_cifar10.yaml $(DDP) $(ROOT) $(AE) $(ARGS)
+
+train-prior-imagenet32:  ## train the code prior of an ImageNet-32 auto-encoder (AE_CKPT=path)
+	$(CLI) fit $(BASE) --config configs/imagenet32.yaml --config configs/prior_imagenet32.yaml $(DDP) $(ROOT) $(AE) $(ARGS)
+
+train-prior-imagenet64:  ## train the code prior of an ImageNet-64 auto-encoder at 64x64 (AE_CKPT=path)
+	$(CLI) fit $(BASE) --config configs/imagenet64.yaml --config configs/prior_imagenet64.yaml $(DDP) $(ROOT) $(AE) $(ARGS)
+
+evaluate:  ## figures A, B, C on the whole test split (CONFIG=prior_cifar10 AE_CKPT=... PRIOR_CKPT=...)
+	$(CLI) test $(BASE) --config configs/$(subst prior_,,$(CONFIG)).yaml --config configs/$(CONFIG).yaml $(ROOT) $(AE) --ckpt_path=$(PRIOR_CKPT) $(ARGS)
+
+sample:  ## sample images from a trained prior (PRIOR_CKPT=path) into a PNG grid
+	$(PY) experiments/sample.py --checkpoint $(PRIOR_CKPT) $(ARGS)
+
+bench:  ## run the benchmarks (speed/memory ratios, side by side) and print markdown tables
+	$(PY) benchmarks/quantizer.py && $(PY) benchmarks/prior_sampling.py && $(PY) benchmarks/data_loading.py
+
+tables:  ## build docs/likelihood_table.md from evaluation.json files (RUNS="runs/a runs/b")
+	$(PY) experiments/likelihood_table.py $(RUNS)
+
+clean:  ## remove caches (keeps .venv, data/ and runs/)
+	rm -rf .pytest_cache .ruff_cache build *.egg-info && find . -name __pycache__ -prune -exec rm -rf {} +

@@ -53,7 +53,10 @@ class Encoder(nn.Module):
     def __init__(self, in_ch: int, channels: int, stride: int, res_blocks: int, res_channels: int) -> None:
         super().__init__()
         if stride == 2:
-            layers = [nn.Conv2d(in_ch, channels // 2, 4, 2, 1), nn.ReLU(), nn.Conv2d(channels // 2, channels, 3, padding=1)]
+            layers = [
+                nn.Conv2d(in_ch, channels // 2, 4, 2, 1), nn.ReLU(),
+                nn.Conv2d(channels // 2, channels, 3, padding=1),
+            ]  # fmt: skip
         elif stride == 4:
             layers = [
                 nn.Conv2d(in_ch, channels // 2, 4, 2, 1), nn.ReLU(),
@@ -257,7 +260,8 @@ class HierarchicalAutoEncoder(nn.Module):
 
     def _decode_quantized(self, quantized: list[Tensor]) -> Tensor:
         """Quantized tensors per level (top first) -> head parameters (B, head_channels, H, W)."""
-        grids = [self.upsamplers[level](q) for level, q in zip(reversed(range(self.num_levels)), quantized)]
+        levels = reversed(range(self.num_levels))  # quantized is top first; module lists are bottom first
+        grids = [self.upsamplers[level](q) for level, q in zip(levels, quantized, strict=True)]
         return self.decoder(torch.cat(grids, dim=1))  # (B, C*L, H/s, W/s) -> (B, P, H, W)
 
     @torch.no_grad()

@@ -7,7 +7,9 @@ import torch
 
 from lightning_dq.autoencoder import HierarchicalAutoEncoder, count_parameters
 
-TINY = dict(channels=16, res_blocks=1, res_channels=8, code_dim=4, num_codebooks=2, codebook_sizes=[8, 8], num_mixtures=2)
+TINY = dict(
+    channels=16, res_blocks=1, res_channels=8, code_dim=4, num_codebooks=2, codebook_sizes=[8, 8], num_mixtures=2
+)
 
 
 def images(b: int, side: int, seed: int = 0) -> torch.Tensor:
@@ -45,7 +47,7 @@ def test_decode_matches_forward_and_drops_levels():
     x = images(2, 16, seed=1)
     out = net(x)
     codes = net.encode(x)
-    assert all(torch.equal(a, b) for a, b in zip(codes, out.codes))
+    assert all(torch.equal(a, b) for a, b in zip(codes, out.codes, strict=True))
     torch.testing.assert_close(net.decode(codes), out.params)
     # keep only the top level: the bottom level's codes no longer matter, the top's do
     other = [codes[0], torch.randint(0, 8, codes[1].shape)]

@@ -1,0 +1,205 @@
+"""Reporting callbacks: image grids, bits/dim curves and the evaluation table, written as files into the
+run directory (`trainer.default_root_dir`) and sent to the logger when there is one (W&B, TensorBoard).
+
+All of them run on rank 0 only and call no collectives.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+from torchvision.utils import make_grid, save_image
+
+from lightning_dq.likelihood import head_reconstruct
+
+
+def log_image(trainer: Trainer, key: str, grid: Tensor, path: Path) -> None:
+    """Save a uint8/float grid (3, H, W) as PNG at `path` and send it to the run's loggers."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = grid.float() / 255.0 if grid.dtype == torch.uint8 else grid
+    save_image(image, path)
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[str(path)])
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, image, global_step=trainer.global_step)
+
+
+class ImageLogger(Callback):
+    """Every `every_n_epochs` validation epochs: originals vs reconstructions, per-level decodes (other
+    levels zeroed) and the codebook-usage histogram of the validation epoch; for a `PriorModule`, a grid of
+    samples from the prior instead.
+
+    Args:
+        every_n_epochs: log every n-th validation epoch (0 disables).
+        num_images: images per grid.
+    """
+
+    def __init__(self, every_n_epochs: int = 1, num_images: int = 8) -> None:
+        self.every_n_epochs, self.num_images = every_n_epochs, num_images
+        self._batch: Tensor | None = None
+
+    def _due(self, trainer: Trainer) -> bool:
+        return (
+            self.every_n_epochs > 0 and not trainer.sanity_checking and trainer.is_global_zero
+            and trainer.current_epoch % self.every_n_epochs == 0
+        )  # fmt: skip
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0 and self._due(trainer):
+            self._batch = batch[: self.num_images]
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._batch is None or not self._due(trainer):
+            return
+        x, self._batch = self._batch, None
+        folder, epoch = Path(trainer.default_root_dir) / "images", trainer.current_epoch
+        if hasattr(pl_module, "prior"):  # PriorModule: samples
+            samples = pl_module.sample(self.num_images, x.shape[-1])
+            grid = make_grid(samples, nrow=self.num_images)
+            log_image(trainer, "val/samples", grid, folder / f"samples_e{epoch:04d}.png")
+            return
+        net = pl_module.net
+        out = pl_module(x)
+        recon = head_reconstruct(net.head, out.params, net.num_mixtures)  # (B, 3, H, W) uint8
+        grid = make_grid(torch.cat([x, recon]), nrow=x.shape[0])
+        log_image(trainer, "val/reconstructions", grid, folder / f"recon_e{epoch:04d}.png")
+        rows = [x] + [
+            head_reconstruct(net.head, net.decode(out.codes, keep_levels=[i]), net.num_mixtures)
+            for i in range(net.num_levels)
+        ]
+        grid = make_grid(torch.cat(rows), nrow=x.shape[0])
+        log_image(trainer, "val/levels", grid, folder / f"levels_e{epoch:04d}.png")
+        self._usage_plot(trainer, pl_module, folder / f"usage_e{epoch:04d}.png")
+
+    def _usage_plot(self, trainer: Trainer, pl_module: LightningModule, path: Path) -> None:
+        """Bar chart of code counts per level over this rank's validation epoch (before the module resets them)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        usage = pl_module.stage_metrics("val").usage
+        fig, axes = plt.subplots(1, len(usage), figsize=(4 * len(usage), 3), squeeze=False)
+        for i, (ax, metric) in enumerate(zip(axes[0], usage, strict=True)):
+            hist = metric.hist.cpu()  # (M, K)
+            for m in range(hist.shape[0]):
+                ax.bar(torch.arange(hist.shape[1]) + m * hist.shape[1], hist[m].numpy(), width=1.0)
+            ax.set_title(f"level {i} (top first): {hist.shape[0]} codebooks x {hist.shape[1]} codes")
+            ax.set_xlabel("codebook * K + code")
+        axes[0][0].set_ylabel("assignments (val epoch)")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="val/codebook_usage", images=[str(path)])
+
+
+class MetricCurves(Callback):
+    """Keeps the per-epoch history of the bits/dim figures and writes `metrics.json` and `bpd_curve.png`
+    into the run directory after every validation epoch (so an interrupted run still has its curve)."""
+
+    KEYS = ("train/bpd_decoder_epoch", "train/bpd_uniform_epoch", "val/bpd_decoder", "val/bpd_uniform", "val/bpd_prior",
+            "train/loss_epoch", "val/loss", "val/mse")  # fmt: skip
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, float]] = []
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))
+
+    def _record(self, trainer: Trainer, epoch: int, prefix: str) -> None:
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k in self.KEYS and k.startswith(prefix)}
+        row = next((r for r in self.history if r["epoch"] == epoch), None)
+        if row is None:
+            row = {"epoch": epoch}
+            self.history.append(row)
+        row.update(values)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._record(trainer, trainer.current_epoch, "val/")
+            self._write(trainer)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.current_epoch > 0:  # the module logs train aggregates after callbacks' epoch-end hooks
+            self._record(trainer, trainer.current_epoch - 1, "train/")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._record(trainer, trainer.current_epoch - 1, "train/")
+        self._write(trainer)
+
+    @rank_zero_only
+    def _write(self, trainer: Trainer) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        root = Path(trainer.default_root_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "metrics.json").write_text(json.dumps(self.history, indent=1))
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in self.KEYS:
+            points = [(r["epoch"], r[key]) for r in self.history if key in r and math.isfinite(r[key])]
+            if points and "bpd" in key:
+                ax.plot(*zip(*points, strict=True), marker="o", label=key)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("bits/dim")
+        ax.set_title("A = bpd_decoder (not a bound), B = bpd_uniform, C = bpd_prior")
+        if ax.lines:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(root / "bpd_curve.png", dpi=100)
+        plt.close(fig)
+
+
+class EvaluationReport(Callback):
+    """After `test`: writes the test figures as `evaluation.json` and a markdown table row `evaluation.md`
+    into the run directory: A (decoder only, not a bound), B (uniform code cost), C (learned prior, when a
+    prior is evaluated), reconstruction MSE, the number of test images and what data they were."""
+
+    FIGURES = (("A bpd_decoder", "test/bpd_decoder"), ("B bpd_uniform", "test/bpd_uniform"),
+               ("C bpd_prior", "test/bpd_prior"), ("mse", "test/mse"))  # fmt: skip
+
+    @rank_zero_only
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        net = pl_module.autoencoder.net if hasattr(pl_module, "autoencoder") else pl_module.net
+        datamodule = trainer.datamodule
+        report = {
+            "figures": {name: metrics.get(key) for name, key in self.FIGURES},
+            "num_images": int(metrics.get("test/num_images", 0)),
+            "data": getattr(datamodule, "data_description", type(datamodule).__name__),
+            "resolution": getattr(datamodule, "resolution", None),
+            "autoencoder_parameters": sum(p.numel() for p in net.parameters()),
+            "prior_parameters": (
+                sum(p.numel() for p in pl_module.prior.parameters()) if hasattr(pl_module, "prior") else None
+            ),
+            "checkpoint": trainer.ckpt_path,
+            "all_metrics": metrics,
+        }
+        root = Path(trainer.default_root_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "evaluation.json").write_text(json.dumps(report, indent=1))
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        f = report["figures"]
+        row = (f"| {report['data']} | {report['resolution']} | {report['num_images']} | {fmt(f['A bpd_decoder'])} | "
+               f"{fmt(f['B bpd_uniform'])} | {fmt(f['C bpd_prior'])} | {fmt(f['mse'])} |")  # fmt: skip
+        header = ("| data | resolution | test images | A decoder-only (not a bound) | B uniform codes | "
+                  "C learned prior | MSE |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n")  # fmt: skip
+        (root / "evaluation.md").write_text(header + row + "\n")
+        print(f"evaluation written to {root / 'evaluation.json'}\n{header}{row}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -42,6 +44,44 @@ class CodebookReset(Callback):
                 module.restart_enabled = enabled
 
 
+def codebooks_out_of_sync(module: torch.nn.Module) -> dict[str, float]:
+    """Names of the `Codebook`s whose state differs between DDP ranks -> largest absolute difference.
+
+    A collective: every rank must call it. Empty in a single process, and empty under DDP when the
+    quantizer's synchronisation works (it makes the codebooks bit-identical on every rank).
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return {}
+    out = {}
+    for name, cb in sorted((n, m) for n, m in module.named_modules() if isinstance(m, Codebook)):
+        state = torch.cat([cb.embed.flatten(), cb.cluster_size.flatten(), cb.embed_avg.flatten()]).double()
+        gathered = [torch.empty_like(state) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, state)
+        diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
+        if diff > 0:
+            out[name] = diff
+    return out
+
+
+class CodebookSyncCheck(Callback):
+    """Under DDP, verify at the end of every n-th training epoch that all ranks hold identical codebooks,
+    and stop with an error naming the codebook if not (e.g. a custom quantizer that skips the all-reduce).
+
+    Args:
+        every_n_epochs: how often to compare (0 disables). Costs one all-gather of the codebooks.
+    """
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        self.every_n_epochs = every_n_epochs
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.every_n_epochs < 1 or trainer.current_epoch % self.every_n_epochs:
+            return
+        drift = codebooks_out_of_sync(pl_module)
+        if drift:
+            raise RuntimeError(f"codebooks differ across DDP ranks after epoch {trainer.current_epoch}: {drift}")
+
+
 class ResolutionSchedule(Callback):
     """Train one model progressively at increasing image sizes: epoch milestones -> resolution.
 
@@ -50,7 +90,8 @@ class ResolutionSchedule(Callback):
 
     The resolution is a function of the epoch, handed to the datamodule as `resolution_for_epoch`, which
     the datamodule consults each time Lightning (re)builds a dataloader; so a run resumed from a
-    checkpoint trains at the size of the epoch it resumes in. The Trainer must rebuild dataloaders
+    checkpoint trains at the size of the epoch it resumes in. `validate` and `test` outside `fit` use the
+    last scheduled size (the model's final training size). The Trainer must rebuild dataloaders
     every epoch (`reload_dataloaders_every_n_epochs: 1`); `setup` fails early otherwise, and when the
     data or the model cannot serve a scheduled size.
 
@@ -89,7 +130,11 @@ class ResolutionSchedule(Callback):
             datamodule.check_resolution(size)
             if net is not None and hasattr(net, "check_resolution"):
                 net.check_resolution(size)
-        datamodule.resolution_for_epoch = self.resolution_at
+        if stage == "fit":
+            datamodule.resolution_for_epoch = self.resolution_at
+        else:  # validate/test/predict evaluate the trained model at the size training ended with
+            datamodule.resolution_for_epoch = None
+            datamodule.resolution = self.milestones[max(self.milestones)]
 
 
 class LearningRateLogger(LearningRateMonitor):

@@ -19,7 +19,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 
-from lightning_dq.callbacks import CodebookReset, ResolutionSchedule
+from lightning_dq.callbacks import CodebookReset, CodebookSyncCheck, ResolutionSchedule
 from lightning_dq.reports import EvaluationReport, ImageLogger, MetricCurves
 
 
@@ -37,6 +37,7 @@ class DQCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(CodebookReset, "codebook_reset")
+        parser.add_lightning_class_args(CodebookSyncCheck, "codebook_sync_check")
         parser.add_lightning_class_args(ResolutionSchedule, "resolution_schedule")
         parser.add_lightning_class_args(ImageLogger, "image_logger")
         parser.add_lightning_class_args(MetricCurves, "metric_curves")

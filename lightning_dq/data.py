@@ -33,7 +33,10 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from torchvision.datasets.utils import download_and_extract_archive
@@ -322,6 +325,19 @@ class ImageDataModule(LightningDataModule):
                 f"results with published CIFAR-10 numbers"
             )
 
+    def _exact_sampler(self, dataset: ImageArrayDataset, split: str) -> UnrepeatedDistributedSampler | None:
+        """Under DDP, evaluation outside `fit` (test, validate) shards the split without padding, so every
+        image is counted exactly once. Lightning's default sampler repeats a few images to even out the
+        shards; it is kept for validation during `fit`, where DDP's forward may call collectives that
+        uneven shards would deadlock (validation figures during DDP training can thus count up to
+        world_size - 1 images twice; test figures are exact)."""
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        fitting = self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if split == "train" or not distributed or fitting:
+            return None
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+
     def _loader(self, split: str) -> DataLoader:
         if self.resolution_for_epoch is not None and self.trainer is not None:
             self.resolution = self.resolution_for_epoch(self.trainer.current_epoch)
@@ -332,7 +348,7 @@ class ImageDataModule(LightningDataModule):
         train = split == "train"
         # train and val are scattered rows of the stored array: random access, no kernel readahead
         dataset = ImageArrayDataset(source, self.resolution, rows, self.hflip and train, rows is not None)
-        generator = None
+        generator, sampler = None, self._exact_sampler(dataset, split)
         if train:  # a fresh loader each epoch must not repeat the previous epoch's order
             epoch = self.trainer.current_epoch if self.trainer is not None else 0
             seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
@@ -341,6 +357,7 @@ class ImageDataModule(LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             shuffle=train,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,

@@ -84,6 +84,21 @@ class CodeModelModule(LightningModule):
     def stage_metrics(self, stage: str) -> StageMetrics:
         return getattr(self, f"{stage}_metrics")
 
+    @property
+    def code_net(self) -> HierarchicalAutoEncoder:
+        """The auto-encoder whose codes this module works on."""
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        """Fail before training when the data's image size does not fit the model's down-sampling."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        resolution = getattr(datamodule, "resolution", None)
+        if resolution is not None:
+            try:
+                self.code_net.check_resolution(resolution)
+            except ValueError as err:
+                raise ValueError(f"data.init_args.resolution={resolution} does not fit the model: {err}") from None
+
     def _step(self, batch: Tensor, stage: str) -> Tensor:
         raise NotImplementedError
 
@@ -152,18 +167,12 @@ class AutoEncoderModule(CodeModelModule):
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
 
+    @property
+    def code_net(self) -> HierarchicalAutoEncoder:
+        return self.net
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.parameters())
-
-    def setup(self, stage: str) -> None:
-        """Fail before training when the data's image size does not fit the model's down-sampling."""
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        resolution = getattr(datamodule, "resolution", None)
-        if resolution is not None:
-            try:
-                self.net.check_resolution(resolution)
-            except ValueError as err:
-                raise ValueError(f"data.init_args.resolution={resolution} does not fit the model: {err}") from None
 
     def forward(self, x: Tensor):
         if self.channels_last:
@@ -245,6 +254,10 @@ class PriorModule(CodeModelModule):
         super().train(mode)
         self.autoencoder.eval()  # frozen: codebooks must not update
         return self
+
+    @property
+    def code_net(self) -> HierarchicalAutoEncoder:
+        return self.autoencoder.net
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.prior.parameters())

@@ -51,7 +51,6 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.slow
 def test_lightning_ddp_two_cpu_processes(tmp_path):
     layered = ["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "ddp.yaml"),
                "--config", str(CONFIGS / "debug.yaml"), "--trainer.devices=2", f"--trainer.default_root_dir={tmp_path}",

@@ -14,7 +14,7 @@ ROOT := $(if $(DATA_ROOT),--data.init_args.root=$(DATA_ROOT),)
 AE := $(if $(AE_CKPT),--model.init_args.autoencoder_ckpt=$(AE_CKPT),)
 DDP := $(if $(filter-out 0 1,$(GPUS)),--config configs/ddp.yaml --trainer.devices=$(GPUS),)
 
-.PHONY: help install test test-all lint demo debug train-cifar10 train-imagenet32 train-imagenet64 \
+.PHONY: help install test test-all lint demo demo-prior debug train-cifar10 train-imagenet32 train-imagenet64 \
         train-prior-cifar10 train-prior-imagenet32 train-prior-imagenet64 evaluate sample bench tables clean
 
 help:  ## list the targets
@@ -24,16 +24,20 @@ install:  ## create .venv and install lightning-dq with its dev extras (from not
 	python3 -m venv .venv && $(PY) -m pip install --upgrade pip && $(PY) -m pip install -e '.[dev]'
 
 test:  ## run the fast CPU test suite (no slow or gpu tests)
-	$(PY) -m pytest -m "not slow and not gpu" -n 2 $(ARGS)
+	$(PY) -m pytest -m "not slow and not gpu" -n 2 --dist loadgroup $(ARGS)
 
 test-all:  ## run every CPU test, slow ones included
-	$(PY) -m pytest -m "not gpu" -n 2 $(ARGS)
+	$(PY) -m pytest -m "not gpu" -n 2 --dist loadgroup $(ARGS)
 
 lint:  ## ruff check
 	$(PY) -m ruff check lightning_dq tests benchmarks experiments
 
 demo:  ## train a small DQ auto-encoder on real images for a few minutes on CPU (DATA_ROOT=data/)
 	$(CLI) fit $(BASE) --config configs/demo.yaml $(ROOT) $(ARGS)
+
+demo-prior:  ## after `make demo`: a small code prior, then figures A, B, C on the whole test split (DATA_ROOT as demo)
+	$(CLI) fit $(BASE) --config configs/demo.yaml --config configs/prior_demo.yaml $(ROOT) $(AE) $(ARGS) && \
+	$(CLI) test $(BASE) --config configs/demo.yaml --config configs/prior_demo.yaml $(ROOT) $(AE) --ckpt_path=last $(ARGS)
 
 debug:  ## a seconds-long smoke run on synthetic data
 	$(CLI) fit $(BASE) --config configs/debug.yaml $(ARGS)

@@ -51,8 +51,9 @@ def our_rows(runs: list[str]) -> list[str]:
         params = f"{r['autoencoder_parameters'] / 1e6:.2f}M"
         if r.get("prior_parameters"):
             params += f" + {r['prior_parameters'] / 1e6:.2f}M prior"
-        rows.append(f"| {path.parent.name} | {r['data']} | {r['resolution']} | {r['num_images']} | "
-                    f"{fmt(f['A bpd_decoder'])} | {fmt(f['B bpd_uniform'])} | {fmt(f['C bpd_prior'])} | {params} |")  # fmt: skip
+        figures = " | ".join(fmt(f[k]) for k in ("A bpd_decoder", "B bpd_uniform", "C bpd_prior"))
+        run = f"{path.parent.name} | {r['data']} | {r['resolution']} | {r['num_images']}"
+        rows.append(f"| {run} | {figures} | {params} |")
     return rows
 
 

@@ -47,10 +47,11 @@ class DQCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir or "runs/default"
         config.trainer.default_root_dir = root
-        # the run directory is the config's `trainer.default_root_dir`; W&B writes under it unless told otherwise
+        # the run directory is the config's `trainer.default_root_dir`; W&B (its offline run and the saved
+        # config.yaml, which goes to the logger's directory) writes under it unless told otherwise
         logger = config.trainer.logger
         if hasattr(logger, "class_path") and logger.class_path.endswith("WandbLogger"):
-            if not logger.init_args.get("save_dir"):
+            if logger.init_args.get("save_dir") in (None, "", ".") and not logger.init_args.get("dir"):
                 logger.init_args.save_dir = root
 
     def _place_checkpoints(self) -> None:

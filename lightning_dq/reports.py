@@ -141,6 +141,27 @@ class MetricCurves(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._record(trainer, trainer.current_epoch - 1, "train/")
         self._write(trainer)
+        self._summary(trainer)
+
+    @rank_zero_only
+    def _summary(self, trainer: Trainer) -> None:
+        """Tell the user where the run's results are (the last line a `make demo` prints)."""
+        root = Path(trainer.default_root_dir)
+        last = self.history[-1] if self.history else {}
+        figures = ", ".join(f"{k} {last[k]:.4f}" for k in ("val/bpd_decoder", "val/bpd_uniform", "val/bpd_prior")
+                            if k in last)  # fmt: skip
+        lines = [f"run directory: {root}", f"  final epoch {last.get('epoch', '-')}: {figures or 'no validation'}"]
+        latest = {p.stem.rsplit("_e", 1)[0]: p for p in sorted((root / "images").glob("*_e*.png"))}  # per kind
+        for path in [root / "metrics.json", root / "bpd_curve.png", *latest.values()]:
+            if path.exists():
+                lines.append(f"  {path}")
+        for callback in trainer.checkpoint_callbacks:
+            if callback.last_model_path:
+                lines.append(f"  checkpoint: {callback.last_model_path}")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger.experiment.settings.mode == "offline":
+                lines.append(f"  W&B offline run: {Path(logger.experiment.dir).parent} (`wandb sync` uploads it)")
+        print("\n".join(lines))
 
     @rank_zero_only
     def _write(self, trainer: Trainer) -> None:

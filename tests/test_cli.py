@@ -33,7 +33,7 @@ def autoencoder_ckpt(tmp_path_factory) -> Path:
 
 
 AUTOENCODER_CONFIGS = ["base", "cifar10", "imagenet32", "imagenet64", "ddp", "debug", "demo"]
-PRIOR_CONFIGS = ["prior_cifar10", "prior_imagenet32", "prior_imagenet64"]
+PRIOR_CONFIGS = ["prior_cifar10", "prior_imagenet32", "prior_imagenet64", "prior_demo"]
 
 
 def test_every_config_is_tested():
@@ -56,17 +56,18 @@ def test_prior_configs_fit_and_test(name, tmp_path, autoencoder_ckpt):
         main([sub, *layered, *run_args(tmp_path), *extra, "--trainer.fast_dev_run=1"])
 
 
+@pytest.mark.xdist_group("sockets")  # W&B talks to its service over a local socket
 def test_wandb_offline_run_has_bits_per_dim_history(tmp_path, monkeypatch):
     import wandb
 
     monkeypatch.delenv("WANDB_MODE", raising=False)  # the CLI must default to offline by itself
     monkeypatch.setenv("WANDB_SILENT", "true")
     main(["fit", *BASE, *DEBUG, *run_args(tmp_path), "--trainer.max_epochs=1",
-          "--trainer.logger=lightning.pytorch.loggers.WandbLogger", f"--trainer.logger.save_dir={tmp_path}",
-          "--trainer.logger.project=lightning-dq-test"])  # fmt: skip
+          "--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.project=lightning-dq-test"])
     wandb.finish()  # flush the run's transaction log (a CLI process does this at exit)
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))  # inside the run directory, not the cwd
     assert len(runs) == 1, "expected exactly one offline W&B run directory"
+    assert (tmp_path / "config.yaml").is_file()  # the resolved config is saved with the run
     records = list(_wandb_records(next(runs[0].glob("*.wandb"))))
     history = {i.key or "/".join(i.nested_key) for r in records if r.HasField("history") for i in r.history.item}
     expected = {"val/bpd_decoder", "val/bpd_uniform", "train/bpd_decoder", "train/perplexity_l0"}

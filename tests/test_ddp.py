@@ -18,6 +18,9 @@ from lightning_dq.callbacks import codebooks_out_of_sync
 from lightning_dq.quantize import DepthwiseQuantizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# tests that open sockets run in one xdist worker (`--dist loadgroup`): a port picked as free in one
+# process can otherwise be taken by another test's gloo connections before it is bound
+pytestmark = pytest.mark.xdist_group("sockets")
 
 
 def _sync_worker(rank: int, port: int, out: str) -> None:

@@ -289,6 +289,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("restarts", [False, True])
+@pytest.mark.xdist_group("sockets")  # ports: see tests/test_ddp.py
 def test_ddp_two_processes_identical_codebooks(tmp_path, restarts):
     mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path), restarts), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))

@@ -138,6 +138,11 @@ class HierarchicalAutoEncoder(nn.Module):
         decay: EMA decay of the codebooks.
         dead_code_threshold: EMA count below which a code is restarted from the batch (0 disables).
         commitment_reduction: commitment summed ("sum", the paper's code) or averaged over the M codebooks.
+        init: "default" keeps PyTorch's initialisation (the paper's code). "kaiming": He-normal convolutions
+            and zero-initialised residual branches. With "default" the deep decoder starts almost blind to
+            its input (its output moves ~3e-4 of its spread when the codes change, vs 0.66), so the
+            commitment term shrinks the features and the upper levels collapse to a few codes before the
+            decoder learns to use them; "kaiming" keeps them in use (docs/results.md).
     """
 
     def __init__(
@@ -156,6 +161,7 @@ class HierarchicalAutoEncoder(nn.Module):
         decay: float = 0.99,
         dead_code_threshold: float = 1.0,
         commitment_reduction: Literal["sum", "mean"] = "sum",
+        init: Literal["default", "kaiming"] = "default",
     ) -> None:
         super().__init__()
         for name, value in [("channels", channels), ("coder_blocks", coder_blocks), ("res_channels", res_channels)]:
@@ -193,6 +199,24 @@ class HierarchicalAutoEncoder(nn.Module):
             Decoder(c, c, c, 1, **block),
             nn.Conv2d(c, head_channels(head, num_mixtures), 3, padding=1),
         )
+        if init == "kaiming":
+            self._kaiming_init()
+        elif init != "default":
+            raise ValueError(f"init must be 'default' or 'kaiming', got init={init!r}")
+
+    def _kaiming_init(self) -> None:
+        """He-normal weights for the ReLU convolutions (variance-preserving), zero biases, and a zero last
+        conv in every residual branch so each block starts as the identity (quantizer projections
+        included; the codebooks are initialised from data)."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+                # a transposed conv's weight is (in, out, k, k): its fan-in per output is along dim 0
+                mode = "fan_out" if isinstance(module, nn.ConvTranspose2d) else "fan_in"
+                nn.init.kaiming_normal_(module.weight, mode=mode, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, ResBlock):
+                nn.init.zeros_(module.net[-1].weight)
 
     def _upsampler(self, level: int, md: int, c: int, block: dict) -> nn.Module:
         """Level l sits 2 ** (coder_blocks - 1 + l) below the common grid: nearest-neighbour up-sampling

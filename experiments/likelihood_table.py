@@ -9,10 +9,9 @@ A run directory is any `trainer.default_root_dir` where `lightning-dq test` wrot
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
-
-from jsonargparse import CLI
 
 # (model, CIFAR-10, ImageNet-32, ImageNet-64, params, source). "old"/"new": the two downsampled-ImageNet
 # versions (van den Oord 2016 vs Chrabaszcz 2017); numbers on different versions are not comparable.
@@ -52,7 +51,7 @@ def our_rows(runs: list[str]) -> list[str]:
         if r.get("prior_parameters"):
             params += f" + {r['prior_parameters'] / 1e6:.2f}M prior"
         figures = " | ".join(fmt(f[k]) for k in ("A bpd_decoder", "B bpd_uniform", "C bpd_prior"))
-        run = f"{path.parent.name} | {r['data']} | {r['resolution']} | {r['num_images']}"
+        run = f"{path.parent} | {r['data']} | {r['resolution']} | {r['num_images']}"
         rows.append(f"| {run} | {figures} | {params} |")
     return rows
 
@@ -93,4 +92,8 @@ def main(runs: list[str], out: str = "docs/likelihood_table.md") -> None:
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=True)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run directories holding evaluation.json (or the files)")
+    parser.add_argument("--out", default="docs/likelihood_table.md", help="markdown output path")
+    args = parser.parse_args()
+    main(args.runs, args.out)

@@ -159,7 +159,8 @@ class MetricCurves(Callback):
             if callback.last_model_path:
                 lines.append(f"  checkpoint: {callback.last_model_path}")
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and logger.experiment.settings.mode == "offline":
+            settings = getattr(logger.experiment, "settings", None) if isinstance(logger, WandbLogger) else None
+            if getattr(settings, "mode", None) == "offline":  # disabled runs have no settings
                 lines.append(f"  W&B offline run: {Path(logger.experiment.dir).parent} (`wandb sync` uploads it)")
         print("\n".join(lines))
 

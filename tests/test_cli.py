@@ -160,8 +160,11 @@ def test_resolution_not_divisible_by_model_downsampling_fails_before_training(tm
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_runs_without_logger_and_with_csv_logger(tmp_path):
+def test_runs_without_logger_and_with_csv_logger(tmp_path, capsys):
     main(["fit", *BASE, *DEBUG, *run_args(tmp_path / "a"), "--trainer.max_epochs=1", "--trainer.logger=false"])
+    printed = capsys.readouterr().out  # the closing summary tells the user where the results are
+    assert f"run directory: {tmp_path / 'a'}" in printed and "val/bpd_uniform" in printed
+    assert f"checkpoint: {tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}" in printed
     csv_logger = ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path / 'b'}"]
     main(["fit", *BASE, *DEBUG, *run_args(tmp_path / "b"), "--trainer.max_epochs=1", *csv_logger])
     assert (tmp_path / "a" / "bpd_curve.png").is_file() and (tmp_path / "b" / "bpd_curve.png").is_file()

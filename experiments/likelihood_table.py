@@ -51,7 +51,8 @@ def our_rows(runs: list[str]) -> list[str]:
         if r.get("prior_parameters"):
             params += f" + {r['prior_parameters'] / 1e6:.2f}M prior"
         figures = " | ".join(fmt(f[k]) for k in ("A bpd_decoder", "B bpd_uniform", "C bpd_prior"))
-        run = f"{path.parent} | {r['data']} | {r['resolution']} | {r['num_images']}"
+        images = r["num_images"] if r.get("whole_split") else f"{r['num_images']} of {r.get('split_size')} (PARTIAL)"
+        run = f"{path.parent} | {r['data']} | {r['resolution']} | {images}"
         rows.append(f"| {run} | {figures} | {params} |")
     return rows
 

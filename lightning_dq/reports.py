@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
@@ -202,9 +202,18 @@ class EvaluationReport(Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         net = pl_module.autoencoder.net if hasattr(pl_module, "autoencoder") else pl_module.net
         datamodule = trainer.datamodule
+        num_images = int(metrics.get("test/num_images", 0))
+        loaders = trainer.test_dataloaders
+        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+        split_size = sum(len(dl.dataset) for dl in loaders if dl is not None and hasattr(dl.dataset, "__len__"))
+        if num_images != split_size:  # e.g. trainer.limit_test_batches < 1.0: not a whole-split figure
+            rank_zero_warn(f"evaluated {num_images} of the {split_size} test images: these figures do not cover "
+                           f"the whole test split (check trainer.limit_test_batches)")  # fmt: skip
         report = {
             "figures": {name: metrics.get(key) for name, key in self.FIGURES},
-            "num_images": int(metrics.get("test/num_images", 0)),
+            "num_images": num_images,
+            "split_size": split_size,
+            "whole_split": num_images == split_size,
             "data": getattr(datamodule, "data_description", type(datamodule).__name__),
             "resolution": getattr(datamodule, "resolution", None),
             "autoencoder_parameters": sum(p.numel() for p in net.parameters()),
@@ -219,7 +228,8 @@ class EvaluationReport(Callback):
         (root / "evaluation.json").write_text(json.dumps(report, indent=1))
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
         f = report["figures"]
-        row = (f"| {report['data']} | {report['resolution']} | {report['num_images']} | {fmt(f['A bpd_decoder'])} | "
+        images = f"{num_images}" if report["whole_split"] else f"{num_images} of {split_size} (PARTIAL)"
+        row = (f"| {report['data']} | {report['resolution']} | {images} | {fmt(f['A bpd_decoder'])} | "
                f"{fmt(f['B bpd_uniform'])} | {fmt(f['C bpd_prior'])} | {fmt(f['mse'])} |")  # fmt: skip
         header = ("| data | resolution | test images | A decoder-only (not a bound) | B uniform codes | "
                   "C learned prior | MSE |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n")  # fmt: skip

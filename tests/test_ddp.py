@@ -67,4 +67,4 @@ def test_lightning_ddp_two_cpu_processes(tmp_path):
     assert test.returncode == 0, test.stderr[-3000:]
     report = json.loads((tmp_path / "evaluation.json").read_text())
     # 37 images, batch 8, 2 ranks: every test image exactly once (no padding duplicates)
-    assert report["num_images"] == 37
+    assert report["num_images"] == 37 and report["whole_split"]

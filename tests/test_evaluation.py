@@ -60,7 +60,7 @@ def test_every_test_image_is_counted_exactly_once(prior_run):
     size = len(data.test_dataloader().dataset)
     assert size % TEST_BATCH != 0  # the last batch is partial
     report = json.loads((prior_run / "evaluation.json").read_text())
-    assert report["num_images"] == size
+    assert report["num_images"] == report["split_size"] == size and report["whole_split"]
     assert report["data"].startswith("sample")
 
 

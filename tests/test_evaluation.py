@@ -18,11 +18,8 @@ from lightning_dq.data import ImageDataModule
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LAYERS = ["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "debug.yaml")]
 # the embedded real photos (scikit-image), 32x32 patches: test split = every patch of one held-out photo
-SAMPLE = [
-    "--data.init_args.dataset=sample",
-    "--data.init_args.native_resolution=32",
-    "--trainer.enable_model_summary=false",
-]
+SAMPLE = ["--data.init_args.dataset=sample", "--data.init_args.native_resolution=32",
+          "--trainer.enable_model_summary=false"]  # fmt: skip
 TEST_BATCH = 50
 
 
@@ -38,19 +35,11 @@ def prior_run(tmp_path_factory) -> Path:
              "--model.init_args.prior.init_args.dim=32", "--model.init_args.prior.init_args.depth=2",
              "--model.init_args.optimizer=torch.optim.Adam", "--model.init_args.optimizer.init_args.lr=3e-3",
              "--image_logger.every_n_epochs=0"]  # fmt: skip
-    main(
-        ["fit", *prior, "--trainer.max_epochs=1", "--trainer.limit_train_batches=60", "--data.init_args.batch_size=16"]
-    )
+    main(["fit", *prior, "--trainer.max_epochs=1", "--trainer.limit_train_batches=60",
+          "--data.init_args.batch_size=16"])  # fmt: skip
     ckpt = prior_dir / "checkpoints" / "last.ckpt"
-    main(
-        [
-            "test",
-            *prior,
-            f"--ckpt_path={ckpt}",
-            "--trainer.limit_test_batches=1.0",
-            f"--data.init_args.batch_size={TEST_BATCH}",
-        ]
-    )
+    main(["test", *prior, f"--ckpt_path={ckpt}", "--trainer.limit_test_batches=1.0",
+          f"--data.init_args.batch_size={TEST_BATCH}"])  # fmt: skip
     return prior_dir
 
 

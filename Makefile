@@ -67,7 +67,7 @@ sample:  ## sample images from a trained prior (PRIOR_CKPT=path) into a PNG grid
 	$(PY) experiments/sample.py --checkpoint $(PRIOR_CKPT) $(ARGS)
 
 bench:  ## run the benchmarks (speed/memory ratios, side by side) and print markdown tables
-	$(PY) benchmarks/quantizer.py && $(PY) benchmarks/prior_sampling.py && $(PY) benchmarks/data_loading.py
+	$(PY) benchmarks/quantizer.py && $(PY) benchmarks/autoencoder.py && $(PY) benchmarks/prior_sampling.py && $(PY) benchmarks/data_loading.py
 
 tables:  ## build docs/likelihood_table.md from evaluation.json files (RUNS="runs/a runs/b")
 	$(PY) experiments/likelihood_table.py $(RUNS)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,34 +35,33 @@ def _sync_worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_sync_check_detects_a_drifted_codebook(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_sync_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+def test_sync_check_detects_a_drifted_codebook(tmp_path, free_port):
+    mp.spawn(_sync_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["before"] == {}
         assert result["after"] == {"b.codebook": pytest.approx(0.5)}
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run the real console entry point in a fresh process: Lightning's DDP launcher re-runs it per rank."""
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONWARNINGS="ignore")
+def _cli(*args: str, cwd: Path, port: int) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a fresh process: Lightning's DDP launcher re-runs it per rank
+    (MASTER_PORT set: Lightning would otherwise pick an ephemeral port, see conftest.free_port)."""
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONWARNINGS="ignore", MASTER_PORT=str(port))
     cmd = [sys.executable, "-m", "lightning_dq.cli", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
 
 
-def test_lightning_ddp_two_cpu_processes(tmp_path):
+def test_lightning_ddp_two_cpu_processes(tmp_path, free_port):
     layered = ["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "ddp.yaml"),
                "--config", str(CONFIGS / "debug.yaml"), "--trainer.devices=2", f"--trainer.default_root_dir={tmp_path}",
                "--data.init_args.synthetic_test=37", "--data.init_args.batch_size=8"]  # fmt: skip
-    fit = _cli("fit", *layered, "--trainer.max_epochs=2", cwd=tmp_path)
+    fit = _cli("fit", *layered, "--trainer.max_epochs=2", cwd=tmp_path, port=free_port())
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "MEMBER: 2/2" in fit.stderr  # two processes really ran
     # CodebookSyncCheck (on by default) compared the ranks' codebooks after every epoch without error
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
-    test = _cli("test", *layered, f"--ckpt_path={ckpt}", "--trainer.limit_test_batches=1.0", cwd=tmp_path)
+    evaluate = ["test", *layered, f"--ckpt_path={ckpt}", "--trainer.limit_test_batches=1.0"]
+    test = _cli(*evaluate, cwd=tmp_path, port=free_port())
     assert test.returncode == 0, test.stderr[-3000:]
     report = json.loads((tmp_path / "evaluation.json").read_text())
     # 37 images, batch 8, 2 ranks: every test image exactly once (no padding duplicates)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -282,16 +281,10 @@ def _ddp_worker(rank: int, port: int, out_dir: str, restarts: bool) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("restarts", [False, True])
 @pytest.mark.xdist_group("sockets")  # ports: see tests/test_ddp.py
-def test_ddp_two_processes_identical_codebooks(tmp_path, restarts):
-    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path), restarts), nprocs=2, join=True)
+def test_ddp_two_processes_identical_codebooks(tmp_path, restarts, free_port):
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path), restarts), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for name in r0:
         assert torch.equal(r0[name], r1[name]), f"buffer {name} differs between ranks"

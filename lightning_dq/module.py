@@ -156,7 +156,7 @@ class AutoEncoderModule(CodeModelModule):
         net: HierarchicalAutoEncoder,
         beta: float = 0.25,
         optimizer: OptimizerFactory = default_optimizer,
-        channels_last: bool = False,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         save_config(self, ["net", "optimizer"])

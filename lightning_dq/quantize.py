@@ -43,6 +43,12 @@ def all_reduce_sum_(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def all_finite(finite: Tensor) -> Tensor:
+    """Whether a boolean scalar `finite` is True on every rank (`()` bool tensor, no host sync)."""
+    bad = (~finite).float().view(1)  # (1,)
+    return all_reduce_sum_(bad)[0] == 0
+
+
 def broadcast_from_rank0_(tensor: Tensor) -> Tensor:
     """Overwrite `tensor` in place with rank 0's copy (identity in a single process)."""
     if is_distributed():
@@ -114,7 +120,7 @@ class CodebookStats(NamedTuple):
     """Per-codebook health of one forward pass (all shape `(M,)`)."""
 
     perplexity: Tensor  # exp(entropy) of this batch's code histogram (global batch under DDP)
-    dead_fraction: Tensor  # fraction of codes whose EMA count is below the dead-code threshold
+    dead_fraction: Tensor  # fraction of codes whose EMA count is below the dead-code threshold, before restarts
     restarted: Tensor  # number of codes restarted in this pass
 
 
@@ -141,6 +147,12 @@ class Codebook(nn.Module):
     DDP: counts and sums are all-reduced before the EMA step, so every rank applies the same update;
     restart and init samples are drawn on rank 0 and broadcast. Every rank therefore holds identical
     codebooks. Whether to communicate is decided on every call.
+
+    Non-finite input: a pass whose vectors hold NaN/inf on *any* rank changes no codebook on any rank.
+    Each rank's "my batch is finite" flag rides along in the all-reduce of the counts, and the EMA step,
+    restarts and init are gated on the global flag with `torch.where`, so no rank waits on a collective
+    another rank skipped and no host sync is needed. The step's loss is then non-finite too, and
+    `lightning_dq.faults.NonFiniteGuard` skips the optimizer step on every rank.
 
     Args:
         num_codebooks: M, the number of independent codebooks.
@@ -180,6 +192,19 @@ class Codebook(nn.Module):
         self.register_buffer("cluster_size", torch.ones(m, k))  # (M, K)
         self.register_buffer("embed_avg", embed.clone())  # (M, K, D)
         self.register_buffer("initialized", torch.tensor(False))
+        # Python-side cache of `initialized`, so training passes do not read the buffer (a host sync):
+        # True once seen True; reset when a state dict is loaded (which may bring either value)
+        self._known_initialized = False
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._known_initialized = False
+
+    def needs_init(self) -> bool:
+        """Whether the data-dependent init must still run; reads the buffer (one host sync) only until it ran."""
+        if not self._known_initialized:
+            self._known_initialized = bool(self.initialized)
+        return not self._known_initialized
 
     def extra_repr(self) -> str:
         return (
@@ -215,42 +240,67 @@ class Codebook(nn.Module):
         return torch.bincount((codes + offsets).flatten(), minlength=m * k).view(m, k).float()
 
     @torch.no_grad()
-    def initialize(self, x: Tensor) -> None:
-        """Data-dependent init from the first batch `(M, N, D)`: k-means++ seeds, every code "restarted"."""
+    def initialize(self, x: Tensor, finite: Tensor | None = None) -> None:
+        """Data-dependent init from the first batch `(M, N, D)`: k-means++ seeds, every code "restarted".
+
+        `finite`: whether this rank's `x` is all finite (computed here if None). If any rank's batch is not,
+        nothing changes and the init runs again on the next training pass.
+        """
+        if finite is None:
+            finite = torch.isfinite(x).all()
         k = self.codebook_size
+        x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # k-means++ weights must be finite
         seeds = kmeans_plus_plus(x, k) if x.shape[1] >= k else sample_rows(x, k)  # (M, K, D)
         samples = broadcast_from_rank0_(seeds.contiguous())
-        self._reset_codes(torch.ones_like(self.cluster_size, dtype=torch.bool), samples)
-        self.initialized.fill_(True)
+        ok = all_finite(finite)  # () bool, the same on every rank
+        self._reset_codes(ok.expand_as(self.cluster_size), samples)
+        self.initialized.copy_(ok)
+        self._known_initialized = bool(ok)  # the one host sync of the init pass
 
     @torch.no_grad()
-    def update(self, x: Tensor, codes: Tensor) -> Tensor:
-        """One EMA step from vectors `(M, N, D)` and their codes `(M, N)`; returns the global counts `(M, K)`."""
+    def update(self, x: Tensor, codes: Tensor, finite: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One EMA step from vectors `(M, N, D)` and their codes `(M, N)`.
+
+        `finite`: whether this rank's `x` is all finite (computed here if None). Returns the global counts
+        `(M, K)` and whether every rank's batch was finite (`()` bool); if not, the codebook is unchanged.
+        """
         m, k, d = self.num_codebooks, self.codebook_size, self.code_dim
+        if finite is None:
+            finite = torch.isfinite(x).all()
         offsets = torch.arange(m, device=codes.device).unsqueeze(1) * k  # (M, 1)
         flat_codes = (codes + offsets).flatten()  # (M*N,)
         counts = torch.bincount(flat_codes, minlength=m * k).view(m, k).float()  # (M, K)
         sums = x.new_zeros(m * k, d).index_add_(0, flat_codes, x.reshape(-1, d)).view(m, k, d)  # (M, K, D)
-        # one collective for both: every rank then applies the same EMA step
-        packed = all_reduce_sum_(torch.cat([counts.unsqueeze(-1), sums], dim=-1))  # (M, K, 1 + D)
+        # one collective for counts, sums and the count of ranks with a non-finite batch
+        packed = torch.cat([torch.cat([counts.unsqueeze(-1), sums], dim=-1).flatten(), (~finite).float().view(1)])
+        packed = all_reduce_sum_(packed)  # (M*K*(1 + D) + 1,)
+        ok = packed[-1] == 0  # () bool, the same on every rank
+        packed = packed[:-1].view(m, k, 1 + d)
         counts, sums = packed[..., 0], packed[..., 1:]
-        self.cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
-        self.embed_avg.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
-        self.embed.copy_(self.embed_avg / laplace_smoothing(self.cluster_size, self.eps).unsqueeze(-1))
-        return counts
+        cluster_size = torch.add(self.cluster_size * self.decay, counts, alpha=1.0 - self.decay)  # (M, K)
+        embed_avg = torch.add(self.embed_avg * self.decay, sums, alpha=1.0 - self.decay)  # (M, K, D)
+        embed = embed_avg / laplace_smoothing(cluster_size, self.eps).unsqueeze(-1)  # (M, K, D)
+        # torch.where selects, so NaN in the rejected branch never reaches the buffers
+        self.cluster_size.copy_(torch.where(ok, cluster_size, self.cluster_size))
+        self.embed_avg.copy_(torch.where(ok, embed_avg, self.embed_avg))
+        self.embed.copy_(torch.where(ok, embed, self.embed))
+        return counts, ok
 
     def dead_codes(self) -> Tensor:
         """Boolean mask `(M, K)` of codes whose EMA count is below the threshold."""
         return self.cluster_size < self.dead_code_threshold
 
     @torch.no_grad()
-    def restart_dead_codes(self, x: Tensor) -> Tensor:
+    def restart_dead_codes(self, x: Tensor, ok: Tensor | None = None) -> Tensor:
         """Replace dead codes by vectors sampled from `x` `(M, N, D)`; returns the count per codebook `(M,)`.
 
         The dead mask is computed from all-reduced statistics, so it is the same on every rank; the
         samples come from rank 0. The broadcast runs unconditionally so no rank can skip a collective.
+        `ok` (`()` bool, the same on every rank, from `update`): restart only if True.
         """
         dead = self.dead_codes()  # (M, K)
+        if ok is not None:
+            dead = dead & ok
         samples = broadcast_from_rank0_(sample_rows(x, self.codebook_size).contiguous())  # (M, K, D)
         self._reset_codes(dead, samples)
         return dead.sum(dim=-1)
@@ -387,28 +437,28 @@ class DepthwiseQuantizer(nn.Module):
             vectors = self._to_vectors(z)  # (M, N, D)
             cb = self.codebook
             if self.training:
-                if not torch.isfinite(vectors).all():
-                    raise ValueError(
-                        "DepthwiseQuantizer got non-finite features in training mode (NaN/inf in the "
-                        "encoder output); lower the learning rate or check the input data"
-                    )
-                if not bool(cb.initialized):
-                    cb.initialize(vectors.detach())
+                # a device flag, no host sync; every codebook change below is gated on it (see `Codebook`)
+                finite = torch.isfinite(vectors.detach()).all()  # () bool
+                if cb.needs_init():
+                    cb.initialize(vectors.detach(), finite)
             codes = cb.nearest(vectors.detach())  # (M, N)
             # quantize with the codebook the codes were chosen from, then update it
             chosen = cb.lookup(codes)  # (M, N, D)
             per_codebook = (vectors - chosen).pow(2).mean(dim=(1, 2))  # (M,)
             commitment = per_codebook.sum() if self.commitment_reduction == "sum" else per_codebook.mean()
             if self.training:
-                counts = cb.update(vectors.detach(), codes)  # (M, K), summed over ranks
+                counts, ok = cb.update(vectors.detach(), codes, finite)  # (M, K) summed over ranks, () bool
+                dead_fraction = cb.dead_codes().float().mean(dim=-1)  # (M,) measured before restarts revive them
                 restarted = (
-                    cb.restart_dead_codes(vectors.detach()) if cb.restart_enabled and cb.dead_code_threshold > 0
+                    cb.restart_dead_codes(vectors.detach(), ok)
+                    if cb.restart_enabled and cb.dead_code_threshold > 0
                     else torch.zeros(cb.num_codebooks, device=x.device)
                 )
             else:
                 counts = cb.code_counts(codes)  # (M, K), this process only
+                dead_fraction = cb.dead_codes().float().mean(dim=-1)  # (M,)
                 restarted = torch.zeros(cb.num_codebooks, device=x.device)
-            stats = CodebookStats(perplexity(counts), cb.dead_codes().float().mean(dim=-1), restarted.float())
+            stats = CodebookStats(perplexity(counts), dead_fraction, restarted.float())
             continuous = z if self.mode == "dq" else self._to_image(vectors, b, h, w)  # (B, M*D, h, w)
             # straight-through: the value is exactly the codes' vectors (x - x == 0), the gradient is identity
             straight_through = self._to_image(chosen, b, h, w) + (continuous - continuous.detach())

@@ -1,4 +1,4 @@
-"""DepthwiseQuantizer / Codebook: shapes, exact EMA arithmetic, batched == reference, convergence,
+"""DepthwiseQuantizer / Codebook: shapes, exact EMA arithmetic, batched == reference, convergence, non-finite
 dead-code restart, fp32 under autocast, 2-process gloo DDP, state_dict round trip, argument errors."""
 
 from __future__ import annotations
@@ -160,6 +160,7 @@ def test_dead_code_restart_revives_unused_codes():
     # data sit at (-1, 1): codes 0 and 1 share it; codes 2 and 3 get nothing, decay to 0.99 < 1: restarted
     out = q(data())
     assert out.stats.restarted.tolist() == [2.0]
+    assert out.stats.dead_fraction.tolist() == [0.5]  # measured before the restart revived them
     cb = q.codebook
     assert cb.embed[0, 3].abs().max() < 10  # now a batch vector
     assert cb.cluster_size[0, 3].item() == pytest.approx(1.0)
@@ -243,12 +244,48 @@ def test_bad_inputs():
     q = DepthwiseQuantizer(8, 2, 4, 4)
     with pytest.raises(ValueError, match="in_channels=8"):
         q(torch.randn(1, 7, 2, 2))
-    x = torch.randn(1, 8, 2, 2)
-    x[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="non-finite"):
-        q(x)
     with pytest.raises(ValueError, match="codes must have shape"):
         q.embed_codes(torch.zeros(1, 3, 2, 2, dtype=torch.long))
+
+
+def test_dead_fraction_without_restarts_counts_far_codes():
+    q = identity_quantizer(2, 4, 1, decay=0.5, dead_code_threshold=1.0)
+    q.codebook.restart_enabled = False
+    set_codebook(q.codebook, torch.tensor([[0.0, 1.0, 50.0, 60.0], [0.0, 70.0, 80.0, 90.0]]).view(2, 4, 1))
+    x = torch.tensor([0.1, 0.9, 0.0, 1.1]).view(4, 1, 1, 1).repeat(1, 2, 1, 1)  # all near 0 and 1
+    out = q(x)
+    # codebook 0: codes 0, 1 win 2 vectors each (count 0.5 + 1 = 1.5), codes 2, 3 decay to 0.5: 2 of 4 dead
+    # codebook 1: code 0 wins all 4 (count 2.5), codes 1-3 decay to 0.5: 3 of 4 dead
+    assert out.stats.dead_fraction.tolist() == [0.5, 0.75]
+    assert out.stats.restarted.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_batch_leaves_the_codebook_unchanged(bad):
+    torch.manual_seed(0)
+    q = DepthwiseQuantizer(8, 2, 4, 4)
+    q(torch.randn(4, 8, 2, 2))  # init + one EMA step
+    before = {n: b.clone() for n, b in q.codebook.named_buffers()}
+    x = torch.randn(4, 8, 2, 2)
+    x[1, 3, 0, 1] = bad
+    out = q(x)  # no exception: the step is skipped by lightning_dq.faults.NonFiniteGuard
+    for name, buf in q.codebook.named_buffers():
+        assert torch.equal(buf, before[name]), name
+    assert out.stats.restarted.tolist() == [0.0, 0.0]
+    assert not torch.isfinite(out.commitment)  # the loss shows it, so the optimizer step is skipped
+
+
+def test_init_waits_for_a_finite_batch_and_follows_loaded_state():
+    q = identity_quantizer(1, 4, 4)
+    embed = q.codebook.embed.clone()
+    q(torch.full((2, 4, 2, 2), float("nan")))
+    assert not bool(q.codebook.initialized) and q.codebook.needs_init()
+    assert torch.equal(q.codebook.embed, embed)
+    q(torch.randn(2, 4, 2, 2) + 30.0)
+    assert bool(q.codebook.initialized) and not q.codebook.needs_init()
+    assert (q.codebook.embed - 30.0).abs().max() < 6
+    q.load_state_dict(DepthwiseQuantizer(4, 1, 4, 4).state_dict())  # an uninitialised state
+    assert q.codebook.needs_init()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -297,3 +334,48 @@ def test_ddp_two_processes_identical_codebooks(tmp_path, restarts, free_port):
         q(_batches(step))
     for name, buf in q.codebook.named_buffers():
         torch.testing.assert_close(r0[name], buf, msg=f"buffer {name}: DDP != single process")
+
+
+NAN_STEPS = {0: 1, 3: 1, 4: 0}  # step -> the one rank whose batch holds a NaN at that step
+
+
+def _nan_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(1000 + rank)
+    exact = identity_quantizer(M, K, D, decay=0.8, dead_code_threshold=0.0)  # reference-comparable
+    set_codebook(exact.codebook, _initial_embed())
+    live = identity_quantizer(M, K, D, decay=0.8, dead_code_threshold=1.0)  # data init + restarts
+    initialized = []
+    for step in range(STEPS):
+        x = _batches(step)[16 * rank : 16 * (rank + 1)].clone()
+        if NAN_STEPS.get(step) == rank:
+            x[5, 1] = float("nan")
+        exact(x), live(x)
+        initialized.append(bool(live.codebook.initialized))
+    state = {
+        f"{name}.{n}": b.clone()
+        for name, q in [("exact", exact), ("live", live)]
+        for n, b in q.codebook.named_buffers()
+    }
+    torch.save({"state": state, "initialized": initialized}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.xdist_group("sockets")
+def test_ddp_nan_on_one_rank_poisons_no_codebook(tmp_path, free_port):
+    mp.spawn(_nan_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)  # returns: nobody hangs
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for name in r0["state"]:
+        assert torch.equal(r0["state"][name], r1["state"][name]), f"buffer {name} differs between ranks"
+        assert torch.isfinite(r0["state"][name].float()).all(), name
+    # the data init waited for the first step where both ranks' batches were finite
+    assert r0["initialized"] == r1["initialized"] == [False] + [True] * (STEPS - 1)
+    # the steps where one rank saw NaN changed nothing: equal to one process fed only the other steps
+    q = identity_quantizer(M, K, D, decay=0.8, dead_code_threshold=0.0)
+    set_codebook(q.codebook, _initial_embed())
+    for step in range(STEPS):
+        if step not in NAN_STEPS:
+            q(_batches(step))
+    for name, buf in q.codebook.named_buffers():
+        torch.testing.assert_close(r0["state"][f"exact.{name}"], buf, msg=f"buffer {name}: DDP != reference")

@@ -7,6 +7,7 @@ CLI := .venv/bin/lightning-dq
 GPUS ?= 1
 ARGS ?=
 DATA_ROOT ?=
+CACHE_DIR ?=
 AE_CKPT ?=
 PRIOR_CKPT ?=
 BASE := --config configs/base.yaml
@@ -17,8 +18,10 @@ DDP := $(if $(filter-out 0 1,$(GPUS)),--config configs/ddp.yaml --trainer.device
 .PHONY: help install test test-all lint demo demo-prior debug train-cifar10 train-imagenet32 train-imagenet64 \
         train-prior-cifar10 train-prior-imagenet32 train-prior-imagenet64 evaluate sample bench tables clean
 
-help:  ## list the targets
-	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-24s\033[0m %s\n", $$1, $$2}'
+help:  ## list the targets (colour only on a terminal)
+	@if [ -t 1 ]; then on='\033[36m'; off='\033[0m'; else on=; off=; fi; \
+	grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | \
+	awk -F':.*## ' -v on="$$on" -v off="$$off" '{printf "  %s%-24s%s %s\n", on, $$1, off, $$2}'
 
 install:  ## create .venv and install lightning-dq with its dev extras (from nothing)
 	python3 -m venv .venv && $(PY) -m pip install --upgrade pip && $(PY) -m pip install -e '.[dev]'
@@ -42,6 +45,13 @@ demo-prior:  ## after `make demo`: a small code prior, then figures A, B, C on t
 debug:  ## a seconds-long smoke run on synthetic data
 	$(CLI) fit $(BASE) --config configs/debug.yaml $(ARGS)
 
+.PHONY: prepare-imagenet32 prepare-imagenet64
+prepare-imagenet32:  ## convert ImageNet-32 npz files under DATA_ROOT to the memory-mapped cache (once; CACHE_DIR= optional)
+	$(PY) -m lightning_dq.prepare --dataset imagenet32 --root $(or $(DATA_ROOT),data/) $(if $(CACHE_DIR),--cache_dir $(CACHE_DIR),)
+
+prepare-imagenet64:  ## the same for ImageNet-64 (about 16 GB written): run it before any multi-GPU training
+	$(PY) -m lightning_dq.prepare --dataset imagenet64 --root $(or $(DATA_ROOT),data/) $(if $(CACHE_DIR),--cache_dir $(CACHE_DIR),)
+
 train-cifar10:  ## train the auto-encoder on CIFAR-10 (GPUS=N for DDP, ARGS= for overrides)
 	$(CLI) fit $(BASE) --config configs/cifar10.yaml $(DDP) $(ROOT) $(ARGS)
 
@@ -60,8 +70,8 @@ train-prior-imagenet32:  ## train the code prior of an ImageNet-32 auto-encoder 
 train-prior-imagenet64:  ## train the code prior of an ImageNet-64 auto-encoder at 64x64 (AE_CKPT=path)
 	$(CLI) fit $(BASE) --config configs/imagenet64.yaml --config configs/prior_imagenet64.yaml $(DDP) $(ROOT) $(AE) $(ARGS)
 
-evaluate:  ## figures A, B, C on the whole test split (CONFIG=prior_cifar10 AE_CKPT=... PRIOR_CKPT=...)
-	$(CLI) test $(BASE) --config configs/$(subst prior_,,$(CONFIG)).yaml --config configs/$(CONFIG).yaml $(ROOT) $(AE) --ckpt_path=$(PRIOR_CKPT) $(ARGS)
+evaluate:  ## figures A, B, C on the whole test split (CONFIG=prior_cifar10 PRIOR_CKPT=...; the prior holds its auto-encoder)
+	$(CLI) test $(BASE) --config configs/$(subst prior_,,$(CONFIG)).yaml --config configs/$(CONFIG).yaml $(ROOT) --ckpt_path=$(PRIOR_CKPT) $(ARGS)
 
 sample:  ## sample images from a trained prior (PRIOR_CKPT=path) into a PNG grid
 	$(PY) experiments/sample.py --checkpoint $(PRIOR_CKPT) $(ARGS)

@@ -15,6 +15,7 @@ import torch
 from jsonargparse import CLI
 from torchvision.utils import make_grid, save_image
 
+from lightning_dq.cli import RUN_ID_FILE
 from lightning_dq.module import PriorModule
 
 
@@ -25,7 +26,6 @@ def sample(
     temperature: float = 1.0,
     seed: int = 0,
     out: str | None = None,
-    autoencoder_ckpt: str | None = None,
     wandb: bool = False,
 ) -> Path:
     """Write a grid of `num_images` samples and return its path.
@@ -37,12 +37,11 @@ def sample(
         temperature: divides the prior's logits and scales the mixture's logistic noise (1 = the model).
         seed: random seed of the draw.
         out: PNG path; default <checkpoint's run dir>/samples_r{resolution}_t{temperature}.png.
-        autoencoder_ckpt: the auto-encoder checkpoint, when it has moved since the prior was trained (its
-            weights are inside the prior checkpoint; this path only rebuilds the module).
-        wandb: also log the grid to W&B (offline unless WANDB_MODE=online; `wandb sync` uploads later).
+        wandb: also log the grid to the run's W&B run (the id in <run dir>/wandb_run_id, job_type "sample";
+            offline unless WANDB_MODE=online; `wandb sync` uploads later).
     """
-    overrides = {"autoencoder_ckpt": autoencoder_ckpt} if autoencoder_ckpt else {}
-    module = PriorModule.load_from_checkpoint(checkpoint, map_location="cpu", **overrides).eval()
+    # the prior checkpoint holds the auto-encoder's config and weights: no other file is read
+    module = PriorModule.load_from_checkpoint(checkpoint, map_location="cpu").eval()
     torch.manual_seed(seed)
     start = time.perf_counter()
     images = module.sample(num_images, resolution, temperature)  # (N, 3, R, R) uint8
@@ -55,8 +54,11 @@ def sample(
     if wandb:
         import wandb as wb
 
-        os.environ.setdefault("WANDB_MODE", "offline")
-        run = wb.init(project="lightning-dq", job_type="sample", dir=str(path.parent),
+        run_dir = Path(checkpoint).resolve().parents[1]
+        id_file = run_dir / RUN_ID_FILE  # attach to the experiment's run when there is one
+        run_id = id_file.read_text().strip() if id_file.is_file() else None
+        mode = "online" if os.environ.get("WANDB_MODE") == "online" else "offline"
+        run = wb.init(project="lightning-dq", job_type="sample", dir=str(run_dir), id=run_id, resume="allow", mode=mode,
                       config={"checkpoint": str(checkpoint), "resolution": resolution, "temperature": temperature,
                               "seed": seed, "num_images": num_images})  # fmt: skip
         run.log({"samples": wb.Image(str(path))})

@@ -1,39 +1,45 @@
 """LightningModules: `AutoEncoderModule` trains the hierarchical DQ auto-encoder; `PriorModule` trains a
 prior over the codes of a frozen auto-encoder and reports the three bits/dim figures.
 
-Every step goes through one shared `_step(batch, stage)` and logs `stage/metric` keys. Epoch values are
-torchmetrics aggregates over images (every image counted once, summed over DDP ranks):
+Every step goes through one shared `_step(batch, stage)`. Epoch values are torchmetrics aggregates over
+images (every image counted once, summed over DDP ranks), logged as `stage/name`:
 
 - `{stage}/bpd_decoder`: figure A, -log2 p(x | z(x)) / D. NOT a bound on -log2 p(x): the codes are free.
 - `{stage}/bpd_uniform`: figure B, A + the uniform code cost sum_l h*w*M*log2 K / D. A valid bound.
 - `{stage}/bpd_prior`: figure C (PriorModule), A - log2 p_prior(z(x)) / D. A valid bound; the headline.
 
-D = 3*H*W sub-pixels. Targets are always the raw uint8 pixels.
+D = 3*H*W sub-pixels. Targets are always the raw uint8 pixels. Train epoch aggregates end in `_epoch`
+(per-step values keep the plain key). A run that trains at several image sizes (`resolution_schedule`)
+names the size in every train/val epoch key: `val/bpd_decoder_32px`, `train/loss_64px_epoch`, so each size
+is its own curve.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
 
-from lightning_dq.autoencoder import HierarchicalAutoEncoder
+from lightning_dq.autoencoder import AutoEncoderOutput, HierarchicalAutoEncoder
+from lightning_dq.errors import CheckpointError
 from lightning_dq.likelihood import bits_per_dim, head_reconstruct, head_sample, uniform_code_bits
 from lightning_dq.metrics import CodeUsage
 from lightning_dq.prior import CodePrior
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 STAGES = ("train", "val", "test")
 
 
 def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    """Adam at lr 2e-4, no weight decay: the paper's official training settings."""
+    """Adam at lr 2e-4, no weight decay: the paper's official training settings (configs/base.yaml says so
+    explicitly; this default serves modules built in Python)."""
     return torch.optim.Adam(params, lr=2e-4)
 
 
@@ -54,50 +60,108 @@ def reconstruction_mse(head: str, params: Tensor, x: Tensor, num_mixtures: int) 
     return ((recon.float() - x.float()) / 255.0).pow(2).mean(dim=(1, 2, 3))  # (B,)
 
 
+def decoder_figures(net: HierarchicalAutoEncoder, x: Tensor, out: AutoEncoderOutput) -> dict[str, Tensor]:
+    """Per-image figures (B,) of one batch from one auto-encoder pass: A and B in bits/dim, reconstruction MSE
+    (or the MSE loss for the "mse" head, which has no bits/dim)."""
+    values = {"mse": reconstruction_mse(net.head, out.params, x, net.num_mixtures)}
+    if net.head == "mse":
+        values["mse_loss"] = out.recon.detach()
+        return values
+    code_bits = uniform_code_bits(net.code_shapes(x.shape[-1]), tuple(x.shape[-2:]))
+    values["bpd_decoder"] = bits_per_dim(out.recon.detach())
+    values["bpd_uniform"] = values["bpd_decoder"] + code_bits
+    return values
+
+
+def read_autoencoder(path: str | Path) -> tuple[HierarchicalAutoEncoder, dict]:
+    """The network of an `AutoEncoderModule` checkpoint (built from the config stored in it, weights loaded)
+    and where it came from: {"path", "epoch", "global_step"}."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"auto-encoder checkpoint {str(path)!r} does not exist; train one first (`make demo`, "
+            f"`make train-cifar10`) or set model.init_args.autoencoder_ckpt"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot read auto-encoder checkpoint {str(path)!r}: {err}") from None
+    if "net_config" not in checkpoint:
+        raise CheckpointError(f"{str(path)!r} is not an AutoEncoderModule checkpoint of this version "
+                              f"(no 'net_config' entry)")  # fmt: skip
+    net = HierarchicalAutoEncoder(**checkpoint["net_config"])
+    prefix = "net."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    net.load_state_dict(state)
+    source = {"path": str(path.resolve()), "epoch": checkpoint.get("epoch"), "global_step": checkpoint["global_step"]}
+    return net, source
+
+
 class StageMetrics(nn.Module):
-    """Epoch aggregates of one stage: per-image means, the image count and per-level code usage."""
+    """Epoch aggregates of one stage: per-image means, the image count, the count of images with a non-finite
+    value, and per-level code usage. NaNs are kept in the means (and counted), never silently dropped."""
 
     def __init__(self, names: list[str], code_specs: list[tuple[int, int]]) -> None:
         super().__init__()
-        self.means = nn.ModuleDict({n: MeanMetric() for n in names})
-        self.images = SumMetric()
+        self.means = nn.ModuleDict({n: MeanMetric(nan_strategy="disable") for n in names})
+        self.images, self.nonfinite = SumMetric(), SumMetric()
         self.usage = nn.ModuleList(CodeUsage(m, k) for m, k in code_specs)
 
     def update(self, values: dict[str, Tensor], codes: list[Tensor]) -> None:
         """values: per-image tensors (B,); codes: per level (B, M, h, w)."""
+        finite = torch.stack([torch.isfinite(v) for v in values.values()]).all(dim=0)  # (B,)
         for name, v in values.items():
             self.means[name].update(v)
-        batch = next(iter(values.values()))
-        self.images.update(torch.tensor(float(batch.shape[0]), device=batch.device))
+        self.images.update(torch.tensor(float(finite.shape[0]), device=finite.device))
+        self.nonfinite.update((~finite).sum().float())
         for usage, c in zip(self.usage, codes, strict=True):
             usage.update(c)
 
+    def reset(self) -> None:
+        for metric in [*self.means.values(), self.images, self.nonfinite, *self.usage]:
+            metric.reset()
+
 
 class CodeModelModule(LightningModule):
-    """Shared plumbing: steps routed to `_step(batch, stage)`, epoch aggregates logged as `stage/name`."""
+    """Shared plumbing: steps routed to `_step(batch, stage)`, epoch aggregates logged as `stage/name`.
 
-    def _init_metrics(self, net: HierarchicalAutoEncoder, names: list[str]) -> None:
-        specs = [(q.num_codebooks, q.codebook_size) for q in reversed(net.quantizers)]  # top first
+    `size_in_keys` (set by `ResolutionSchedule` when a fit trains at several sizes) adds `_{side}px` to
+    every train/val epoch key.
+    """
+
+    size_in_keys: bool = False
+
+    def _init_metrics(self, code_specs: list[tuple[int, int]], names: dict[str, list[str]]) -> None:
+        """code_specs: (M, K) per level, top first; names: metric names per stage."""
         for stage in STAGES:  # attributes, not a ModuleDict: "train" would shadow nn.Module.train
-            setattr(self, f"{stage}_metrics", StageMetrics(names, specs))
+            setattr(self, f"{stage}_metrics", StageMetrics(names[stage], code_specs))
+        self._sides: dict[str, int] = {}  # image side of the current epoch per stage
 
     def stage_metrics(self, stage: str) -> StageMetrics:
         return getattr(self, f"{stage}_metrics")
 
     @property
-    def code_net(self) -> HierarchicalAutoEncoder:
+    def code_net(self) -> HierarchicalAutoEncoder | None:
         """The auto-encoder whose codes this module works on."""
         raise NotImplementedError
 
-    def setup(self, stage: str) -> None:
+    def metric_key(self, stage: str, name: str, side: int | None = None) -> str:
+        """The logged key of an epoch aggregate (see the module docstring)."""
+        size = f"_{side}px" if self.size_in_keys and stage != "test" and side else ""
+        return f"{stage}/{name}{size}" + ("_epoch" if stage == "train" else "")
+
+    def check_resolution(self) -> None:
         """Fail before training when the data's image size does not fit the model's down-sampling."""
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         resolution = getattr(datamodule, "resolution", None)
-        if resolution is not None:
+        if resolution is not None and self.code_net is not None:
             try:
                 self.code_net.check_resolution(resolution)
             except ValueError as err:
                 raise ValueError(f"data.init_args.resolution={resolution} does not fit the model: {err}") from None
+
+    def setup(self, stage: str) -> None:
+        self.check_resolution()
 
     def _step(self, batch: Tensor, stage: str) -> Tensor:
         raise NotImplementedError
@@ -111,22 +175,41 @@ class CodeModelModule(LightningModule):
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         self._step(batch, "test")
 
+    def _update(self, stage: str, x: Tensor, values: dict[str, Tensor], codes: list[Tensor]) -> None:
+        self._sides[stage] = x.shape[-1]
+        self.stage_metrics(stage).update(values, codes)
+
     def _log_epoch(self, stage: str) -> None:
-        """Compute (all-reducing under DDP), log and reset the stage's epoch aggregates."""
-        metrics, suffix = self.stage_metrics(stage), "_epoch" if stage == "train" else ""
-        for name, metric in metrics.means.items():
-            if metric.update_called:
-                on_bar = stage == "val" and name.startswith("bpd")
-                self.log(f"{stage}/{name}{suffix}", metric.compute(), prog_bar=on_bar)
-            metric.reset()
-        if metrics.images.update_called:
-            self.log(f"{stage}/num_images{suffix}", metrics.images.compute())
-        metrics.images.reset()
+        """Compute (all-reducing under DDP), log and reset the stage's epoch aggregates.
+
+        Every rank takes the same branches: each decision reads a value that is already summed over ranks,
+        so a rank that saw no batch still joins every collective (none hangs)."""
+        metrics = self.stage_metrics(stage)
+        images = int(metrics.images.compute())  # collective
+        if images == 0:
+            metrics.reset()
+            return
+        nonfinite = int(metrics.nonfinite.compute())  # collective
+        if nonfinite and stage != "train":  # an average over fewer images than counted would be a false figure
+            metrics.reset()
+            raise FloatingPointError(
+                f"{stage}: {nonfinite} of {images} images have a non-finite bits/dim or loss; the {stage} "
+                f"figures would not cover every image. Check the checkpoint (NaN weights?) and the data."
+            )
+        side = self._sides.get(stage)
+        logged = {self.metric_key(stage, name, side): metric.compute() for name, metric in metrics.means.items()}
+        logged[self.metric_key(stage, "num_images", side)] = float(images)
         for i, usage in enumerate(metrics.usage):
-            if usage.update_called:
-                for key, value in usage.compute().items():
-                    self.log(f"{stage}/codes_{key}_l{i}{suffix}", value)
-            usage.reset()
+            for key, value in usage.compute().items():
+                logged[self.metric_key(stage, f"codes_{key}_l{i}", side)] = value
+        if side is not None:
+            logged[f"{stage}/resolution" + ("_epoch" if stage == "train" else "")] = float(side)
+        if nonfinite:  # train: the faults callback skipped those steps; say how many images were affected
+            logged[self.metric_key(stage, "nonfinite_images", side)] = float(nonfinite)
+        for key, value in logged.items():  # already summed over ranks: no second sync
+            on_bar = stage == "val" and "/bpd" in key
+            self.log(key, value, prog_bar=on_bar, sync_dist=False, rank_zero_only=False)
+        metrics.reset()
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
@@ -137,6 +220,13 @@ class CodeModelModule(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
 
+    def _optimizers(self, params: Iterable[nn.Parameter]):
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
 
 class AutoEncoderModule(CodeModelModule):
     """Trains `HierarchicalAutoEncoder` with loss = reconstruction NLL (nats/dim) + beta * commitment.
@@ -146,7 +236,10 @@ class AutoEncoderModule(CodeModelModule):
     Args:
         net: the auto-encoder (injected from the config as class_path/init_args).
         beta: weight of the commitment term (0.25 in the paper's code).
-        optimizer: callable from parameters to an optimizer; default Adam, lr 2e-4.
+        optimizer: callable from parameters to an optimizer (config: class_path/init_args); default
+            Adam, lr 2e-4.
+        lr_scheduler: optional callable from the optimizer to a learning-rate schedule, stepped every
+            optimizer step (e.g. `lightning_dq.schedules.WarmupCosine`); None keeps the lr constant.
         channels_last: run the convolutions in channels_last memory format (faster on CPUs and GPUs
             with bf16 autocast).
     """
@@ -155,15 +248,17 @@ class AutoEncoderModule(CodeModelModule):
         self,
         net: HierarchicalAutoEncoder,
         beta: float = 0.25,
-        optimizer: OptimizerFactory = default_optimizer,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
         channels_last: bool = True,
     ) -> None:
         super().__init__()
-        save_config(self, ["net", "optimizer"])
-        self.net, self.beta, self.optimizer_factory, self.channels_last = net, beta, optimizer, channels_last
-        self.likelihood = net.head != "mse"
-        names = ["loss", "commitment", "mse"] + (["bpd_decoder", "bpd_uniform"] if self.likelihood else ["mse_loss"])
-        self._init_metrics(net, names)
+        save_config(self, ["net", "optimizer", "lr_scheduler"])
+        self.net, self.beta, self.channels_last = net, beta, channels_last
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        names = ["loss", "commitment", "mse"] + (["mse_loss"] if net.head == "mse" else ["bpd_decoder", "bpd_uniform"])
+        specs = [(q.num_codebooks, q.codebook_size) for q in reversed(net.quantizers)]  # top first
+        self._init_metrics(specs, dict.fromkeys(STAGES, names))
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
 
@@ -171,36 +266,29 @@ class AutoEncoderModule(CodeModelModule):
     def code_net(self) -> HierarchicalAutoEncoder:
         return self.net
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.parameters())
+    def configure_optimizers(self):
+        return self._optimizers(self.parameters())
 
-    def forward(self, x: Tensor):
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the network's constructor arguments: a prior (or a notebook) rebuilds it from this file alone
+        checkpoint["net_config"] = self.net.config
+
+    def forward(self, x: Tensor) -> AutoEncoderOutput:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
-
-    def per_image(self, x: Tensor, out) -> dict[str, Tensor]:
-        """Per-image figures (B,) of one batch: A and B in bits/dim, reconstruction MSE."""
-        values = {"mse": reconstruction_mse(self.net.head, out.params, x, self.net.num_mixtures)}
-        if self.likelihood:
-            code_bits = uniform_code_bits(self.net.code_shapes(x.shape[-1]), tuple(x.shape[-2:]))
-            values["bpd_decoder"] = bits_per_dim(out.recon.detach())
-            values["bpd_uniform"] = values["bpd_decoder"] + code_bits
-        else:
-            values["mse_loss"] = out.recon.detach()
-        return values
 
     def _step(self, batch: Tensor, stage: str) -> Tensor:
         x = batch  # (B, 3, H, W) uint8
         out = self(x)
         loss = out.recon.mean() + self.beta * out.commitment
         b = x.shape[0]
-        values = self.per_image(x, out)
+        values = decoder_figures(self.net, x, out)
         values["loss"] = loss.detach().expand(b)
         values["commitment"] = out.commitment.detach().expand(b)
-        self.stage_metrics(stage).update(values, out.codes)
+        self._update(stage, x, values, out.codes)
         if stage == "train":  # step-level curves; epoch aggregates are logged at epoch end
-            self.log_dict({f"train/{n}": v.mean() for n, v in values.items()}, batch_size=b, prog_bar=False)
+            self.log_dict({f"train/{n}": v.mean() for n, v in values.items()}, batch_size=b)
             for i, s in enumerate(out.stats):
                 self.log_dict(
                     {f"train/perplexity_l{i}": s.perplexity.mean(), f"train/dead_fraction_l{i}": s.dead_fraction.mean(),
@@ -214,72 +302,109 @@ class AutoEncoderModule(CodeModelModule):
 class PriorModule(CodeModelModule):
     """Trains a `CodePrior` on the codes of a frozen, trained auto-encoder; reports A, B and C.
 
-    The auto-encoder is loaded from `autoencoder_ckpt`, kept in eval mode (its codebooks no longer
-    change) and never optimised. Loss: -log p_prior(z(x)) in nats per code.
+    The auto-encoder's network is read once from `autoencoder_ckpt`, when training of the prior starts;
+    from then on it is part of this module: its config and weights are saved in every prior checkpoint,
+    so evaluating or resuming a prior never reads `autoencoder_ckpt` again (the file may move or change).
+    It stays in eval mode (its codebooks no longer change) and is never optimised. Loss: -log p_prior(z(x))
+    in nats per code. Evaluation encodes each image once: the prior's codes and the decoder figures come
+    from the same auto-encoder pass.
 
     Args:
-        autoencoder_ckpt: path of a trained `AutoEncoderModule` checkpoint.
         prior: the prior (injected from the config); its codebook sizes, M and down-sampling must match
             the auto-encoder's.
+        autoencoder_ckpt: path of a trained `AutoEncoderModule` checkpoint; read only when a prior's
+            training starts from scratch.
         optimizer: callable from parameters to an optimizer; default Adam, lr 2e-4.
+        lr_scheduler: optional callable from the optimizer to a learning-rate schedule (per step).
     """
 
     def __init__(
         self,
-        autoencoder_ckpt: str,
         prior: CodePrior,
-        optimizer: OptimizerFactory = default_optimizer,
+        autoencoder_ckpt: str | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        save_config(self, ["prior", "optimizer"])
-        self.autoencoder = AutoEncoderModule.load_from_checkpoint(autoencoder_ckpt, map_location="cpu")
-        self.autoencoder.requires_grad_(False)
-        self.autoencoder.eval()
-        self.prior, self.optimizer_factory = prior, optimizer
-        net = self.autoencoder.net
+        save_config(self, ["prior", "optimizer", "lr_scheduler"])
+        self.prior, self.autoencoder_ckpt = prior, autoencoder_ckpt
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.autoencoder: HierarchicalAutoEncoder | None = None
+        self.autoencoder_source: dict = {}
+        train = ["loss", "prior_bits_per_code", "bpd_prior_codes"]
+        evaluate = train + ["bpd_decoder", "bpd_uniform", "bpd_prior", "mse"]
+        specs = [(prior.num_codebooks, k) for k in prior.codebook_sizes]  # top first
+        self._init_metrics(specs, {"train": train, "val": evaluate, "test": evaluate})
+
+    @property
+    def code_net(self) -> HierarchicalAutoEncoder | None:
+        return self.autoencoder
+
+    def attach_autoencoder(self, net: HierarchicalAutoEncoder, source: dict) -> None:
+        """Make `net` this prior's frozen auto-encoder (checks that the prior fits its codes)."""
+        where = source.get("path", "the checkpoint")
         if net.head == "mse":
-            raise ValueError(f"autoencoder_ckpt={autoencoder_ckpt!r} has head 'mse', which has no likelihood")
+            raise CheckpointError(f"auto-encoder {where!r} has head 'mse', which has no likelihood")
         expected = {"codebook_sizes": net.codebook_sizes, "num_codebooks": net.quantizers[0].num_codebooks,
                     "downsample": net.downsample}  # fmt: skip
         for key, value in expected.items():
-            if getattr(prior, key) != value:
-                raise ValueError(
-                    f"model.init_args.prior.init_args.{key}={getattr(prior, key)!r} does not match the "
-                    f"auto-encoder in {autoencoder_ckpt!r} ({key}={value!r})"
+            if getattr(self.prior, key) != value:
+                raise CheckpointError(
+                    f"model.init_args.prior.init_args.{key}={getattr(self.prior, key)!r} does not match the "
+                    f"auto-encoder in {where!r} ({key}={value!r})"
                 )
-        names = ["loss", "prior_bits_per_code", "bpd_prior_codes", "bpd_decoder", "bpd_uniform", "bpd_prior", "mse"]
-        self._init_metrics(net, names)
+        net.requires_grad_(False)
+        self.autoencoder, self.autoencoder_source = net.eval().to(self.device), source
+
+    def setup(self, stage: str) -> None:
+        # a fresh fit reads the auto-encoder checkpoint; a resume or an evaluation gets the network from the
+        # prior checkpoint (on_load_checkpoint), which Lightning restores after this hook
+        if self.autoencoder is None and not (self._trainer is not None and self.trainer.ckpt_path):
+            if stage != "fit":
+                raise CheckpointError(f"{stage} needs a trained prior: pass --ckpt_path=<prior checkpoint>")
+            if not self.autoencoder_ckpt:
+                raise CheckpointError("training a prior needs --model.init_args.autoencoder_ckpt=<AE checkpoint>")
+            self.attach_autoencoder(*read_autoencoder(self.autoencoder_ckpt))
+        super().setup(stage)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["autoencoder"] = {"config": self.autoencoder.config, "source": self.autoencoder_source}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "autoencoder" not in checkpoint:
+            raise CheckpointError("not a PriorModule checkpoint of this version (no 'autoencoder' entry)")
+        stored = checkpoint["autoencoder"]
+        if self.autoencoder is None:  # weights follow from the checkpoint's state_dict
+            self.attach_autoencoder(HierarchicalAutoEncoder(**stored["config"]), stored["source"])
+        elif self.autoencoder.config != stored["config"]:
+            raise CheckpointError(f"the prior checkpoint was trained on a different auto-encoder: "
+                                  f"{stored['config']} vs {self.autoencoder.config}")  # fmt: skip
+        self.check_resolution()
 
     def train(self, mode: bool = True) -> PriorModule:
         super().train(mode)
-        self.autoencoder.eval()  # frozen: codebooks must not update
+        if self.autoencoder is not None:
+            self.autoencoder.eval()  # frozen: codebooks must not update
         return self
 
-    @property
-    def code_net(self) -> HierarchicalAutoEncoder:
-        return self.autoencoder.net
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.prior.parameters())
+    def configure_optimizers(self):
+        return self._optimizers(self.prior.parameters())
 
     def _step(self, batch: Tensor, stage: str) -> Tensor:
         x = batch  # (B, 3, H, W) uint8
         b, dims = x.shape[0], x[0].numel()
-        with torch.no_grad():
-            codes = self.autoencoder.net.encode(x)
+        with torch.no_grad():  # one auto-encoder pass: codes for the prior, and the decoder figures in evaluation
+            out = self.autoencoder(x) if stage != "train" else None
+            codes = out.codes if out is not None else self.autoencoder.encode(x)
         nats = -self.prior.log_prob(codes)  # (B,) nats for all codes of an image
         tokens = sum(c[0].numel() for c in codes)
         loss = nats.mean() / tokens
         values = {"loss": loss.detach().expand(b), "prior_bits_per_code": nats.detach() / tokens / math.log(2),
                   "bpd_prior_codes": nats.detach() / dims / math.log(2)}  # fmt: skip
-        if stage != "train":  # the decoder figures need a full auto-encoder pass: evaluation only
-            with torch.no_grad():
-                out = self.autoencoder(x)
-            values |= self.autoencoder.per_image(x, out)
+        if out is not None:  # C = A + the prior's code cost; C >= A since -log2 p(z) >= 0
+            values |= decoder_figures(self.autoencoder, x, out)
             values["bpd_prior"] = values["bpd_decoder"] + values["bpd_prior_codes"]
-            # -log2 p(z) >= 0 for a normalised discrete prior, so C >= A always
-            assert bool((values["bpd_prior"] >= values["bpd_decoder"]).all()), "figure C below figure A"
-        self.stage_metrics(stage).update(values, codes)
+        self._update(stage, x, values, codes)
         if stage == "train":
             self.log_dict({f"train/{n}": v.mean() for n, v in values.items()}, batch_size=b)
         return loss
@@ -287,6 +412,6 @@ class PriorModule(CodeModelModule):
     @torch.no_grad()
     def sample(self, n: int, resolution: int, temperature: float = 1.0) -> Tensor:
         """n images (n, 3, resolution, resolution) uint8: codes from the prior, pixels from the decoder head."""
-        net = self.autoencoder.net
+        net = self.autoencoder
         codes = self.prior.sample(n, resolution, temperature=temperature)
         return head_sample(net.head, net.decode(codes), net.num_mixtures, temperature)

@@ -7,7 +7,7 @@ All of them run on rank 0 only and call no collectives.
 from __future__ import annotations
 
 import json
-import math
+import re
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from lightning_dq.likelihood import head_reconstruct
+from lightning_dq.record import RunRecord, epoch_series
 
 
 def log_image(trainer: Trainer, key: str, grid: Tensor, path: Path) -> None:
@@ -100,93 +101,95 @@ class ImageLogger(Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=80)
         plt.close(fig)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="val/codebook_usage", images=[str(path)])
+        for logger in wandb_loggers(trainer):
+            import wandb
+
+            logger.log_image(key="val/codebook_usage", images=[str(path)])
+            for i, metric in enumerate(usage):  # a W&B histogram per level: assignments per (codebook, code)
+                counts = metric.hist.flatten().cpu().double().numpy()  # (M*K,)
+                edges = list(range(len(counts) + 1))
+                hist = wandb.Histogram(np_histogram=(counts, edges), num_bins=min(512, len(counts)))
+                logger.experiment.log({f"val/code_usage_l{i}": hist, "trainer/global_step": trainer.global_step})
+
+
+def wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
+    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
 
 
 class MetricCurves(Callback):
-    """Keeps the per-epoch history of the bits/dim figures and writes `metrics.json` and `bpd_curve.png`
-    into the run directory after every validation epoch (so an interrupted run still has its curve)."""
+    """Draws `bpd_curve.png` in the run directory from the run's metric record (`RunRecord`, metrics.csv)
+    after every validation epoch, one series per key (so per image size in a progressive run), tells W&B
+    to keep the minimum of every bits/dim key in the run summary, and prints where the results are when a
+    fit ends. Holds no state: the record is the history, and it survives resume."""
 
-    KEYS = ("train/bpd_decoder_epoch", "train/bpd_uniform_epoch", "val/bpd_decoder", "val/bpd_uniform", "val/bpd_prior",
-            "train/loss_epoch", "val/loss", "val/mse")  # fmt: skip
+    BPD = re.compile(r"^(train|val)/bpd_[a-z_]+?(_\d+px)?(_epoch)?$")
 
-    def __init__(self) -> None:
-        self.history: list[dict[str, float]] = []
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:
+            for logger in wandb_loggers(trainer):
+                for pattern in ("train/bpd*", "val/bpd*"):  # the run table shows the best value, per size
+                    logger.experiment.define_metric(pattern, step_metric="trainer/global_step", summary="min")
 
-    def state_dict(self) -> dict:
-        return {"history": self.history}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.history = list(state_dict.get("history", []))
-
-    def _record(self, trainer: Trainer, epoch: int, prefix: str) -> None:
-        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k in self.KEYS and k.startswith(prefix)}
-        row = next((r for r in self.history if r["epoch"] == epoch), None)
-        if row is None:
-            row = {"epoch": epoch}
-            self.history.append(row)
-        row.update(values)
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # resumed: rows the killed attempt logged after this checkpoint would otherwise appear twice
+        for record in records(trainer):
+            record.truncate_after(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
-            self._record(trainer, trainer.current_epoch, "val/")
-            self._write(trainer)
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.current_epoch > 0:  # the module logs train aggregates after callbacks' epoch-end hooks
-            self._record(trainer, trainer.current_epoch - 1, "train/")
+            self._plot(trainer)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._record(trainer, trainer.current_epoch - 1, "train/")
-        self._write(trainer)
+        self._plot(trainer)
         self._summary(trainer)
 
     @rank_zero_only
     def _summary(self, trainer: Trainer) -> None:
-        """Tell the user where the run's results are (the last line a `make demo` prints)."""
+        """Tell the user where the run's results are (the last lines a `make demo` prints)."""
         root = Path(trainer.default_root_dir)
-        last = self.history[-1] if self.history else {}
-        figures = ", ".join(f"{k} {last[k]:.4f}" for k in ("val/bpd_decoder", "val/bpd_uniform", "val/bpd_prior")
-                            if k in last)  # fmt: skip
-        lines = [f"run directory: {root}", f"  final epoch {last.get('epoch', '-')}: {figures or 'no validation'}"]
+        last = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/bpd")}
+        figures = ", ".join(f"{k} {v:.4f}" for k, v in sorted(last.items()))
+        epoch = trainer.current_epoch - 1
+        lines = [f"run directory: {root}", f"  last validation (epoch {epoch}): {figures or 'none'}"]
         latest = {p.stem.rsplit("_e", 1)[0]: p for p in sorted((root / "images").glob("*_e*.png"))}  # per kind
-        for path in [root / "metrics.json", root / "bpd_curve.png", *latest.values()]:
+        for path in [root / "metrics.csv", root / "bpd_curve.png", *latest.values()]:
             if path.exists():
                 lines.append(f"  {path}")
         for callback in trainer.checkpoint_callbacks:
             if callback.last_model_path:
                 lines.append(f"  checkpoint: {callback.last_model_path}")
-        for logger in trainer.loggers:
-            settings = getattr(logger.experiment, "settings", None) if isinstance(logger, WandbLogger) else None
+        for logger in wandb_loggers(trainer):
+            settings = getattr(logger.experiment, "settings", None)
             if getattr(settings, "mode", None) == "offline":  # disabled runs have no settings
-                lines.append(f"  W&B offline run: {Path(logger.experiment.dir).parent} (`wandb sync` uploads it)")
+                lines.append(f"  W&B offline run {logger.experiment.id}: `wandb sync --id {logger.experiment.id} "
+                             f"{root / 'wandb'}/offline-run-*` uploads it")  # fmt: skip
         print("\n".join(lines))
 
     @rank_zero_only
-    def _write(self, trainer: Trainer) -> None:
+    def _plot(self, trainer: Trainer) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        root = Path(trainer.default_root_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "metrics.json").write_text(json.dumps(self.history, indent=1))
+        rows = [r for record in records(trainer) for r in record.read()]
+        series = {k: v for k, v in epoch_series(rows).items() if self.BPD.match(k)}
+        if not series:
+            return
         fig, ax = plt.subplots(figsize=(6, 4))
-        for key in self.KEYS:
-            points = [(r["epoch"], r[key]) for r in self.history if key in r and math.isfinite(r[key])]
-            if points and "bpd" in key:
-                ax.plot(*zip(*points, strict=True), marker="o", label=key)
+        for key, points in sorted(series.items()):
+            ax.plot(*zip(*points, strict=True), marker="o", label=key)
         ax.set_xlabel("epoch")
         ax.set_ylabel("bits/dim")
-        ax.set_title("A = bpd_decoder (not a bound), B = bpd_uniform, C = bpd_prior")
-        if ax.lines:
-            ax.legend(fontsize=8)
+        ax.set_title("A = bpd_decoder (not a bound), B = bpd_uniform, C = bpd_prior", fontsize=9)
+        ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(root / "bpd_curve.png", dpi=100)
+        fig.savefig(Path(trainer.default_root_dir) / "bpd_curve.png", dpi=100)
         plt.close(fig)
+
+
+def records(trainer: Trainer) -> list[RunRecord]:
+    return [logger for logger in trainer.loggers if isinstance(logger, RunRecord)]
 
 
 class EvaluationReport(Callback):
@@ -197,10 +200,24 @@ class EvaluationReport(Callback):
     FIGURES = (("A bpd_decoder", "test/bpd_decoder"), ("B bpd_uniform", "test/bpd_uniform"),
                ("C bpd_prior", "test/bpd_prior"), ("mse", "test/mse"))  # fmt: skip
 
+    def __init__(self) -> None:
+        self._loaded: dict = {}
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        self._loaded = {"epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}
+
+    def _provenance(self, trainer: Trainer, pl_module: LightningModule) -> dict:
+        """Which networks were evaluated: the checkpoint passed to `test` (path, epoch, step) and, for a
+        prior, the auto-encoder checkpoint it was trained on (stored inside the prior checkpoint)."""
+        evaluated = {"path": trainer.ckpt_path, **self._loaded}
+        if hasattr(pl_module, "prior"):
+            return {"prior": evaluated, "autoencoder": getattr(pl_module, "autoencoder_source", None)}
+        return {"autoencoder": evaluated, "prior": None}
+
     @rank_zero_only
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-        net = pl_module.autoencoder.net if hasattr(pl_module, "autoencoder") else pl_module.net
+        net = pl_module.code_net
         datamodule = trainer.datamodule
         num_images = int(metrics.get("test/num_images", 0))
         loaders = trainer.test_dataloaders
@@ -221,6 +238,7 @@ class EvaluationReport(Callback):
                 sum(p.numel() for p in pl_module.prior.parameters()) if hasattr(pl_module, "prior") else None
             ),
             "checkpoint": trainer.ckpt_path,
+            **self._provenance(trainer, pl_module),
             "all_metrics": metrics,
         }
         root = Path(trainer.default_root_dir)
@@ -234,4 +252,8 @@ class EvaluationReport(Callback):
         header = ("| data | resolution | test images | A decoder-only (not a bound) | B uniform codes | "
                   "C learned prior | MSE |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n")  # fmt: skip
         (root / "evaluation.md").write_text(header + row + "\n")
+        for logger in wandb_loggers(trainer):
+            columns = ["data", "resolution", "test images", "whole split", *[name for name, _ in self.FIGURES]]
+            values = [report["data"], report["resolution"], num_images, report["whole_split"], *f.values()]
+            logger.log_table(key="test/evaluation", columns=columns, data=[values])
         print(f"evaluation written to {root / 'evaluation.json'}\n{header}{row}")

@@ -24,6 +24,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_dq import console
 from lightning_dq.callbacks import CodebookReset, CodebookSyncCheck, ResolutionSchedule, RunCheckpoint
+from lightning_dq.checkpoints import ResumeCheckpoint, load_checkpoint_file, validate_ckpt_path
+from lightning_dq.faults import NonFiniteGuard
 from lightning_dq.reports import EvaluationReport, ImageLogger, MetricCurves
 
 RUN_ID_FILE = "wandb_run_id"
@@ -71,6 +73,8 @@ class DQCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ResumeCheckpoint, "resume")
+        parser.add_lightning_class_args(NonFiniteGuard, "non_finite_guard")
         parser.add_lightning_class_args(CodebookReset, "codebook_reset")
         parser.add_lightning_class_args(CodebookSyncCheck, "codebook_sync_check")
         parser.add_lightning_class_args(ResolutionSchedule, "resolution_schedule")
@@ -84,6 +88,27 @@ class DQCLI(LightningCLI):
         if self.subcommand and self.subcommand != "fit":
             self.save_config_kwargs["config_filename"] = f"config_{self.subcommand}.yaml"
         self._wandb_identity(config)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads `--ckpt_path`'s hyperparameters first: a bad file fails here as a CheckpointError
+        subcommand = self.config.get("subcommand")
+        ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            load_checkpoint_file(ckpt_path, mmap=True)
+        super()._parse_ckpt_path()
+
+    def _check_ckpt_path(self) -> None:
+        """A truncated, corrupt or mismatched `--ckpt_path` fails here as a `CheckpointError` naming the file."""
+        validate_ckpt_path(self.trainer, self.model, self.config[self.subcommand].get("ckpt_path"))
+
+    def before_fit(self) -> None:
+        self._check_ckpt_path()
+
+    def before_validate(self) -> None:
+        self._check_ckpt_path()
+
+    def before_test(self) -> None:
+        self._check_ckpt_path()
 
     def _wandb_identity(self, config) -> None:
         """One W&B run per experiment (run directory): a stable id kept in the run directory, so a resumed

@@ -131,9 +131,11 @@ class MetricCurves(Callback):
                     logger.experiment.define_metric(pattern, step_metric="trainer/global_step", summary="min")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # resumed: rows the killed attempt logged after this checkpoint would otherwise appear twice
+        # a fresh fit starts a new record; a resumed one drops what the killed attempt logged after the
+        # checkpoint (those steps run again)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped if trainer.ckpt_path else -1
         for record in records(trainer):
-            record.truncate_after(trainer.fit_loop.epoch_loop._batches_that_stepped)
+            record.truncate_after(step)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":

@@ -84,3 +84,13 @@ tables:  ## build docs/likelihood_table.md from evaluation.json files (RUNS="run
 
 clean:  ## remove caches (keeps .venv, data/ and runs/)
 	rm -rf .pytest_cache .ruff_cache build *.egg-info && find . -name __pycache__ -prune -exec rm -rf {} +
+
+# `make experiments`: the paper's claims on real images (docs/results.md); EXP_OUT holds the runs and tables
+EXP_OUT ?= runs/exp
+EXP_ROOT := $(if $(DATA_ROOT),--data-root $(DATA_ROOT),)
+.PHONY: experiments
+experiments:  ## DQ vs VQ, M sweep, init, split axis, correlation, per-level decodes (DATA_ROOT=CIFAR-10 root; budget: docs/results.md)
+	$(PY) experiments/dq_vs_vq.py --out $(EXP_OUT)/dq_vs_vq $(EXP_ROOT) $(ARGS) && \
+	$(PY) experiments/split_axis.py --runs $(EXP_OUT)/dq_vs_vq/runs --out $(EXP_OUT)/split_axis $(EXP_ROOT) && \
+	$(PY) experiments/correlation.py --runs $(EXP_OUT)/dq_vs_vq/runs --out $(EXP_OUT)/correlation $(EXP_ROOT) && \
+	$(PY) experiments/level_decoding.py --runs $(EXP_OUT)/dq_vs_vq/runs --out $(EXP_OUT)/level_decoding $(EXP_ROOT)

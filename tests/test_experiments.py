@@ -1,0 +1,180 @@
+"""The experiment scripts: statistics on hand-computed cases, the two split axes element by element, k-means
+to convergence on known clusters, and every script's --smoke run through the real training code, writing
+its JSON, markdown and PNG (the analysis scripts read the nets the smoke DQ-vs-VQ grid trained)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def load(name: str):
+    """Import experiments/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+common = load("common")
+sys.modules.setdefault("common", common)
+split_axis = load("split_axis")
+correlation = load("correlation")
+
+# ---------------------------------------------------------------------------------------------------
+# statistics, by hand
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_mean_std_uses_the_sample_standard_deviation():
+    mean, std = common.mean_std([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5 and std == pytest.approx(math.sqrt(5 / 3))  # squared deviations 2.25+.25+.25+2.25 = 5, / 3
+    assert common.mean_std([7.0]) == (7.0, 0.0)
+    assert common.fmt_mean_std([1.0, 3.0], 2) == "2.00 ± 1.41"
+    with pytest.raises(ValueError, match="at least one value"):
+        common.mean_std([])
+
+
+def test_entropy_in_bits_of_histograms():
+    counts = torch.tensor([[1, 1, 1, 1], [2, 0, 0, 2], [5, 0, 0, 0], [1, 1, 2, 0]])
+    expected = torch.tensor([2.0, 1.0, 0.0, 1.5], dtype=torch.float64)  # last: -(2 * .25 log2 .25 + .5 log2 .5)
+    assert torch.allclose(common.entropy_bits(counts), expected)
+
+
+def test_pearson_correlation_and_mean_absolute_off_diagonal():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    b = torch.tensor([1.0, -1.0, -1.0, 1.0])  # centred a = (-1.5, -.5, .5, 1.5): a.b = 0, so r = 0
+    x = torch.stack([a, 2 * a + 1, -a, b], dim=1)  # (N=4, V=4)
+    r = common.correlation_matrix(x)
+    expected = torch.tensor([[1, 1, -1, 0], [1, 1, -1, 0], [-1, -1, 1, 0], [0, 0, 0, 1]], dtype=torch.float64)
+    assert torch.allclose(r, expected, atol=1e-12)
+    # off-diagonal |r|: pairs (a,2a+1)=1, (a,-a)=1, (2a+1,-a)=1, three pairs with b = 0 -> mean 3/6
+    assert common.mean_abs_off_diagonal(r) == pytest.approx(0.5)
+    constant = common.correlation_matrix(torch.stack([a, torch.ones(4), -a], dim=1))
+    assert constant[1].isnan().all() and common.mean_abs_off_diagonal(constant) == pytest.approx(1.0)
+
+
+def test_mutual_information_of_codes():
+    same = torch.tensor([0, 1, 0, 1])
+    assert correlation.mutual_information_bits(same, same, 2) == pytest.approx(1.0)  # H = 1 bit, fully shared
+    a, b = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])  # every pair once: independent
+    assert correlation.mutual_information_bits(a, b, 2) == pytest.approx(0.0, abs=1e-12)
+    codes = torch.stack([same, same, a]).view(1, 3, 2, 2)  # (N=1, M=3, 2, 2): pair MI 1, 0, 0
+    dep = correlation.code_dependence(codes, 2)
+    assert dep["mi_bits"] == pytest.approx(1 / 3) and dep["entropy_bits"] == pytest.approx(1.0)
+
+
+def test_channel_vs_spatial_correlation_on_a_built_case():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    b = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    features = torch.zeros(4, 2, 1, 2)  # (N, C, h, w): position 0 holds a, position 1 holds b
+    features[:, 0, 0, 0], features[:, 0, 0, 1] = a, b
+    features[:, 1] = 3 * features[:, 0]  # channel 1 = 3 x channel 0 at every position
+    figures = correlation.channel_and_spatial_correlation(features)
+    assert figures["channel"] == pytest.approx(1.0) and figures["spatial"] == pytest.approx(0.0, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the split-axis experiment's parts
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_channel_and_spatial_splits_take_every_element_once():
+    f = torch.arange(16.0).view(1, 4, 2, 2)  # (N=1, C=4, h=2, w=2): element (c, p) = 4c + p
+    channel = split_axis.split_vectors(f, "channel", 2)  # codebook m: channels 2m, 2m+1 at each position
+    assert channel.tolist() == [[[0, 4], [1, 5], [2, 6], [3, 7]], [[8, 12], [9, 13], [10, 14], [11, 15]]]
+    spatial = split_axis.split_vectors(f, "spatial", 2)  # codebook m: grid row m of each channel
+    assert spatial.tolist() == [[[0, 1], [4, 5], [8, 9], [12, 13]], [[2, 3], [6, 7], [10, 11], [14, 15]]]
+    for v in (channel, spatial):
+        assert sorted(v.flatten().tolist()) == list(range(16))
+    with pytest.raises(ValueError, match="not divisible by M=3"):
+        split_axis.split_vectors(f, "channel", 3)
+
+
+def test_kmeans_converges_to_the_cluster_means():
+    torch.manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 10.0]])
+    offsets = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    x = (centres.unsqueeze(1) + offsets.unsqueeze(0)).reshape(1, 8, 2).repeat(2, 1, 1)  # (M=2, N=8, D=2)
+    cb, iters = split_axis.fit_kmeans(x, 2, seed=0)
+    assert iters < 10
+    for m in range(2):
+        assert sorted(cb.embed[m].tolist()) == [[0.0, 0.0], [10.0, 10.0]]
+    figures = split_axis.quantization_figures(cb, x)
+    assert figures["mse"] == pytest.approx(0.5)  # every point is 1 from its centre in one of 2 coordinates
+    assert figures["entropy_bits"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the scripts, end to end on synthetic data
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dq_vs_vq")
+    load("dq_vs_vq").main(["--smoke", "--seeds", "1", "--sweep-seeds", "1", "--jobs", "1", "--out", str(out)])
+    return out
+
+
+def test_dq_vs_vq_smoke_trains_every_run_and_writes_its_outputs(grid_run):
+    summary = json.loads((grid_run / "dq_vs_vq.json").read_text())
+    names = sorted(r["name"] for r in summary["runs"])
+    assert names == ["dq_default_M4_seed0", "dq_kaiming_M1_seed0", "dq_kaiming_M2_seed0", "dq_kaiming_M4_seed0",
+                     "dq_kaiming_M8_seed0", "vq_default_M4_seed0", "vq_kaiming_M4_seed0"]  # fmt: skip
+    for run in summary["runs"]:
+        m = run["spec"]["num_codebooks"]
+        assert run["steps"] == 4 and run["net_kwargs"]["code_dim"] * m == 8  # M*D fixed
+        assert [p["step"] for p in run["curve"]] == [1, 2, 3, 4]
+        # B - A is the uniform code cost: grids 1, 4, 16 positions x M codes x log2 8 bits / (3*16*16) dims
+        assert run["B"] - run["A"] == pytest.approx(21 * m * 3 / 768, abs=1e-5)
+        assert all(0 < u <= 1 for u in run["used"]) and all(1 <= p <= 8 for p in run["perplexity"])
+        assert (grid_run / "runs" / run["name"] / "net.pt").is_file()
+    md = (grid_run / "dq_vs_vq.md").read_text()
+    assert "| dq | kaiming | 1 |" in md and "| vq | default | 1 |" in md and "| 8 | 1 | 8 | 1 |" in md
+    assert (grid_run / "dq_vs_vq_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dq_vs_vq_summarize_only_lists_the_missing_runs(grid_run):
+    summary = load("dq_vs_vq").main(["--smoke", "--seeds", "2", "--sweep-seeds", "1", "--summarize-only",
+                                     "--out", str(grid_run)])  # fmt: skip
+    assert summary["missing"] == ["dq_kaiming_M4_seed1", "vq_kaiming_M4_seed1"]
+    assert "Not run (budget): dq_kaiming_M4_seed1, vq_kaiming_M4_seed1" in (grid_run / "dq_vs_vq.md").read_text()
+
+
+def test_split_axis_smoke_writes_both_splits(tmp_path):
+    summary = split_axis.main(["--smoke", "--restarts", "2", "--out", str(tmp_path)])
+    (result,) = summary["results"].values()
+    for axis in ("channel", "spatial"):
+        for row in result[axis]:
+            assert row["code_dim"] == 4 and row["fit_vectors"] == 64 * 16  # same D and sample count both ways
+            assert 0 <= row["entropy_bits"] <= 3 and row["iterations"] < 200 and row["relative_mse"] >= 0
+    assert "| channel |" in (tmp_path / "split_axis.md").read_text()
+
+
+def test_correlation_and_level_decoding_smoke_read_the_trained_nets(grid_run, tmp_path):
+    runs = ["--runs", str(grid_run / "runs"), "--smoke"]
+    summary = correlation.main([*runs, "--seeds", "1", "--out", str(tmp_path / "corr")])
+    assert set(summary["figures"]) == {"trained dq", "trained vq", "random init, dq"}
+    for figures in summary["figures"].values():
+        assert 0 <= figures[0]["channel"] <= 1 and 0 <= figures[0]["mi_bits"] <= figures[0]["entropy_bits"] + 1e-9
+    assert (tmp_path / "corr" / "correlation_maps.png").read_bytes()[:4] == b"\x89PNG"
+    levels = load("level_decoding").main([*runs, "--out", str(tmp_path / "lev")])
+    assert list(levels["mse"]["dq"]) == ["all levels", "level 0 alone", "level 1 alone", "level 2 alone"]
+    assert (tmp_path / "lev" / "level_decoding.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_paths_are_named_in_the_error(tmp_path):
+    with pytest.raises(common.DataNotFoundError, match=str(tmp_path)):
+        common.resolve_data_root(str(tmp_path), smoke=False)
+    with pytest.raises(common.CheckpointError, match="dq_vs_vq.py first"):
+        common.load_net(tmp_path / "missing.pt")

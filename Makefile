@@ -76,8 +76,11 @@ evaluate:  ## figures A, B, C on the whole test split (CONFIG=prior_cifar10 PRIO
 sample:  ## sample images from a trained prior (PRIOR_CKPT=path) into a PNG grid
 	$(PY) experiments/sample.py --checkpoint $(PRIOR_CKPT) $(ARGS)
 
-bench:  ## run the benchmarks (speed/memory ratios, side by side) and print markdown tables
-	$(PY) benchmarks/quantizer.py && $(PY) benchmarks/autoencoder.py && $(PY) benchmarks/prior_sampling.py && $(PY) benchmarks/data_loading.py
+bench:  ## run the CPU benchmarks (ratios of interleaved runs) and rewrite their tables in docs/benchmarks.md
+	$(PY) benchmarks/train_step.py --docs docs/benchmarks.md && \
+	$(PY) benchmarks/evaluation.py --docs docs/benchmarks.md && \
+	$(PY) benchmarks/profile_step.py --docs docs/benchmarks.md && \
+	$(PY) benchmarks/quantizer.py && $(PY) benchmarks/prior_sampling.py && $(PY) benchmarks/data_loading.py
 
 tables:  ## build docs/likelihood_table.md from evaluation.json files (RUNS="runs/a runs/b")
 	$(PY) experiments/likelihood_table.py $(RUNS)

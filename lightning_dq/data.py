@@ -16,8 +16,16 @@ non-overlapping patches of astronaut, immunohistochemistry, motorcycle_left/righ
 (val), coffee (test) from `skimage.data`, read offline.
 
 CIFAR-10, folder, sample and synthetic images are held in RAM as one uint8 (N, 3, S, S) array; ImageNet is
-converted once (`prepare_data`) to a `.npy` file under `<root>/lightning_dq_cache/` that every process
-reads memory-mapped, so no rank holds the 15.7 GB of ImageNet-64 train pixels in RAM.
+converted once to a `.npy` file per split under `cache_dir` (default `<root>/lightning_dq_cache/`) that
+every process reads memory-mapped, so no rank holds the 15.7 GB of ImageNet-64 train pixels in RAM. The
+conversion takes long (about 16 GB written for ImageNet-64), longer than a DDP barrier waits: run it once
+with `make prepare-imagenet64 DATA_ROOT=... [CACHE_DIR=...]` (`python -m lightning_dq.prepare`). In a
+single process `prepare_data` converts by itself; under DDP every rank that finds no (or a stale) cache
+stops with a `DataError` naming the command.
+
+Evaluation under DDP (val and test, during `fit` too) shards each split with `EvenShardSampler`: every
+image counted exactly once, the same number of batches on every rank (an empty batch on the ranks that
+have no image when a split is smaller than the world size).
 
 Progressive resolution: `resolution` may change between epochs (set it, or let `resolution_for_epoch`
 map the trainer's epoch to a size). Each `*_dataloader()` call serves the current size from the stored
@@ -41,7 +49,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from torchvision.datasets.utils import download_and_extract_archive
 
-from lightning_dq.datasets import ImageArrayDataset, check_image_array, check_resolution
+from lightning_dq.datasets import EvenShardSampler, ImageArrayDataset, check_image_array, check_resolution
+from lightning_dq.errors import ConfigError, DataError, DataNotFoundError
 from lightning_dq.formats import (
     CIFAR10_ARCHIVE_MD5,
     CIFAR10_DIR,
@@ -49,8 +58,10 @@ from lightning_dq.formats import (
     CIFAR10_MD5,
     CIFAR10_URL,
     SAMPLE_PHOTOS,
-    cache_is_current,
+    cache_problem,
+    cifar10_other_versions,
     convert_npz,
+    default_cache_dir,
     find_cifar10,
     imagenet_cache,
     imagenet_files,
@@ -71,6 +82,7 @@ TITLES = {
     "sample": "sample: scikit-image photos cut into patches (real photos, not a benchmark dataset)",
     "synthetic": "synthetic shapes and gradients (NOT real images)",
 }
+IMAGENET_COUNTS = {"train": 1_281_167, "test": 50_000}  # the full ILSVRC-2012 train and val sets
 _MD5_WARNED: set[Path] = set()  # files already reported as differing from the official md5 (this process)
 
 
@@ -102,6 +114,8 @@ class ImageDataModule(LightningDataModule):
             `root` holds no `cifar-10-batches-py` and none could be downloaded; "none" raises instead.
         synthetic_train: number of synthetic train (+ val) images.
         synthetic_test: number of synthetic test images.
+        cache_dir: imagenet32/64: folder of the converted memory-mapped arrays (None = `<root>/lightning_dq_cache`).
+            Set it when `root` is read-only; every rank must see the same cache.
     """
 
     def __init__(
@@ -119,35 +133,42 @@ class ImageDataModule(LightningDataModule):
         fallback: Literal["none", "sample"] = "none",
         synthetic_train: int = 512,
         synthetic_test: int = 128,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if dataset not in TITLES:
-            raise ValueError(f"dataset must be one of {list(TITLES)}, got {dataset!r}")
+            raise ConfigError(f"data.init_args.dataset={dataset!r} is not a dataset: use one of {', '.join(TITLES)}")
         if dataset in STORED_SIDE and native_resolution not in (None, STORED_SIDE[dataset]):
-            raise ValueError(
-                f"native_resolution={native_resolution}: {dataset} is stored at {STORED_SIDE[dataset]}; "
-                f"leave it None"
+            raise ConfigError(
+                f"data.init_args.native_resolution={native_resolution}: {dataset} is stored at "
+                f"{STORED_SIDE[dataset]}; leave it None"
             )
         if fallback not in ("none", "sample") or (fallback == "sample" and dataset != "cifar10"):
-            raise ValueError(f"fallback={fallback!r}: 'sample' is only for dataset cifar10, else use 'none'")
+            raise ConfigError(
+                f"data.init_args.fallback={fallback!r}: 'sample' is only for dataset cifar10, else use 'none'"
+            )
         for name, value, low in (
             ("batch_size", batch_size, 1),
             ("num_workers", num_workers, 0),
             ("synthetic_train", synthetic_train, 1),
             ("synthetic_test", synthetic_test, 1),
+            ("native_resolution", 1 if native_resolution is None else native_resolution, 1),
         ):
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
-        if val_size < 0 or (isinstance(val_size, float) and val_size >= 1):
-            raise ValueError(f"val_size must be a count >= 0 or a fraction in [0, 1), got {val_size}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"data.init_args.{name}={value!r}: must be an integer >= {low}")
+        if isinstance(val_size, bool) or val_size < 0 or (isinstance(val_size, float) and val_size >= 1):
+            raise ConfigError(
+                f"data.init_args.val_size={val_size!r}: must be a count >= 0 (int) or a fraction in [0, 1) (float)"
+            )
         self.dataset, self.root, self.download, self.fallback = dataset, Path(root), download, fallback
         self.batch_size, self.num_workers, self.hflip = batch_size, num_workers, hflip
         self.val_size, self.seed = val_size, seed
         self.synthetic_train, self.synthetic_test = synthetic_train, synthetic_test
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(self.root)
         self._native = STORED_SIDE.get(dataset) or native_resolution or resolution
-        if self._native < 1:
-            raise ValueError(f"native_resolution must be >= 1, got {self._native}")
+        if isinstance(self._native, bool) or not isinstance(self._native, int) or self._native < 1:
+            raise ConfigError(f"data.init_args.resolution={resolution!r}: must be a positive integer")
         self.resolution = resolution
         self.resolution_for_epoch: Callable[[int], int] | None = None
         self._served: str = dataset  # becomes "sample" when cifar10 falls back
@@ -172,7 +193,7 @@ class ImageDataModule(LightningDataModule):
         self._resolution = value
 
     def check_resolution(self, resolution: int) -> None:
-        """Raise ValueError unless this data can serve `resolution` (native / 2^k)."""
+        """Raise ConfigError unless this data can serve `resolution` (native / 2^k)."""
         check_resolution(self._native, resolution)
 
     # --- Lightning hooks --------------------------------------------------------------------------
@@ -180,16 +201,26 @@ class ImageDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         """Download CIFAR-10 (`download=True`) or convert ImageNet npz batches to the memory-mapped cache.
 
-        Lightning runs this once per node before `setup`; outside a Trainer call it yourself.
+        Lightning runs this once per node before `setup`; outside a Trainer call it yourself. Under DDP the
+        ImageNet conversion is not run here (it would outlast the barrier the other ranks wait in): `setup`
+        then checks the cache on every rank and names the command that makes it.
         """
         if self.dataset == "cifar10" and self.download:
             self._download_cifar10()
-        elif self.dataset in ("imagenet32", "imagenet64"):
-            for split, files in imagenet_files(self.root, self._native).items():
-                cache = imagenet_cache(self.root, self._native, split)
-                if not cache_is_current(cache, files):
-                    rank_zero_info(f"converting {self.dataset} {split} ({len(files)} npz files) to {cache}")
-                    convert_npz(files, self._native, cache)
+        elif self.dataset in ("imagenet32", "imagenet64") and not self._distributed_run():
+            self.prepare_imagenet()
+
+    def prepare_imagenet(self) -> list[Path]:
+        """Convert every split's npz files whose cache is missing or stale; returns the cache files."""
+        caches = []
+        for split, files in imagenet_files(self.root, self._native).items():
+            cache = imagenet_cache(self.cache_dir, self._native, split)
+            problem = cache_problem(cache, files, self.root)
+            if problem is not None:
+                rank_zero_info(f"converting {self.dataset} {split} ({len(files)} npz files) to {cache} ({problem})")
+                convert_npz(files, self._native, cache, self.root)
+            caches.append(cache)
+        return caches
 
     def setup(self, stage: str | None = None) -> None:
         """Load (or map) the splits `stage` needs: train and val for fit/validate, test for test/predict."""
@@ -241,7 +272,7 @@ class ImageDataModule(LightningDataModule):
             download_and_extract_archive(CIFAR10_URL, download_root=str(self.root), md5=CIFAR10_ARCHIVE_MD5)
         except (OSError, RuntimeError, tarfile.TarError) as err:  # offline (URLError is an OSError); bad file
             if self.fallback == "none":
-                raise RuntimeError(
+                raise DataNotFoundError(
                     f"downloading CIFAR-10 from {CIFAR10_URL} into {self.root} failed ({err}); fetch and "
                     f"extract cifar-10-python.tar.gz yourself, or point root at the folder that contains "
                     f"{CIFAR10_DIR}"
@@ -253,8 +284,15 @@ class ImageDataModule(LightningDataModule):
         if self._served != "cifar10" or find_cifar10(self.root) is not None:
             return
         why = "download failed" if self.download else "download=False"
+        other = cifar10_other_versions(self.root)
+        if other:
+            raise DataError(
+                f"{other[0]} is not the CIFAR-10 python version this dataset reads (expected "
+                f"{self.root / CIFAR10_DIR}/data_batch_1..5, test_batch): get cifar-10-python.tar.gz from "
+                f"{CIFAR10_URL} and extract it into {self.root}, or set download=True"
+            )
         if self.fallback == "none":
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"no CIFAR-10 under {self.root} (expected {self.root / CIFAR10_DIR}/data_batch_1..5, "
                 f"test_batch; {why}): set download=True to fetch it, or set root to the folder that contains "
                 f"{CIFAR10_DIR}"
@@ -276,14 +314,25 @@ class ImageDataModule(LightningDataModule):
             self._report_md5(directory, not_official)
             return images
         if self._served in ("imagenet32", "imagenet64"):
-            cache = imagenet_cache(self.root, side, split)
-            if not cache_is_current(cache, imagenet_files(self.root, side)[split]):
-                raise RuntimeError(
-                    f"{cache} is missing or was converted from other files: prepare_data() converts the npz "
-                    f"files (a Trainer calls it before setup; outside a Trainer call it yourself)"
+            cache = imagenet_cache(self.cache_dir, side, split)
+            problem = cache_problem(cache, imagenet_files(self.root, side)[split], self.root)
+            if problem is not None:
+                cache_arg = "" if self.cache_dir == default_cache_dir(self.root) else f" CACHE_DIR={self.cache_dir}"
+                raise DataError(
+                    f"no usable {self.dataset} cache for the {split} split ({problem}). Convert the npz files "
+                    f"once, before training: `make prepare-{self.dataset} DATA_ROOT={self.root}{cache_arg}` "
+                    f"(python -m lightning_dq.prepare --dataset {self.dataset} --root {self.root}"
+                    f"{f' --cache_dir {self.cache_dir}' if cache_arg else ''}); a single-process run converts "
+                    f"in prepare_data()"
                 )
-            images = np.load(cache, mmap_mode="r", allow_pickle=False)
+            try:
+                images = np.load(cache, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError) as err:
+                fix = f"run make prepare-{self.dataset} again"
+                raise DataError(f"{cache} is not a readable .npy file ({err}): {fix}") from err
             check_image_array(images, cache)
+            if len(images) != IMAGENET_COUNTS[split]:
+                self._notes[f"{len(images)} {split} images, not the full {IMAGENET_COUNTS[split]}"] = None
             return images
         if self._served == "folder":
             return read_folder(self._folder_files(split), side)
@@ -295,20 +344,30 @@ class ImageDataModule(LightningDataModule):
     def _folder_files(self, split: str) -> list[Path]:
         """`root/train/` and `root/test/` when either exists; else every 10th file (sorted) is test."""
         if (self.root / "train").is_dir() or (self.root / "test").is_dir():
-            return list_images(self.root / split)
-        paths = list_images(self.root)
+            return self._list_images(self.root / split)
+        paths = self._list_images(self.root)
         if len(paths) < 10:
-            raise ValueError(
+            raise DataError(
                 f"{self.root} holds {len(paths)} images: every 10th is held out as test, so at least 10 are "
                 f"needed (or make {self.root / 'train'} and {self.root / 'test'} subfolders)"
             )
         return paths[9::10] if split == "test" else [p for i, p in enumerate(paths) if i % 10 != 9]
 
+    def _list_images(self, directory: Path) -> list[Path]:
+        """The PNG/JPEG files under `directory`; other files are reported (once), never silently dropped."""
+        images, others = list_images(directory)
+        if others:
+            note = f"{len(others)} non-image files under {directory} not used (e.g. {others[0].name})"
+            if note not in self._notes:
+                rank_zero_warn(f"{note}: only {len(images)} PNG/JPEG files there are images of this dataset")
+            self._notes[note] = None
+        return images
+
     def _hold_out(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(train rows, val rows) of n images: val is `val_size` rows of a permutation seeded by `seed`."""
         k = round(self.val_size * n) if isinstance(self.val_size, float) else self.val_size
         if k >= n:
-            raise ValueError(f"val_size={self.val_size} holds out {k} of {n} train images; leave some")
+            raise ConfigError(f"data.init_args.val_size={self.val_size} holds out {k} of {n} train images; leave some")
         order = np.random.default_rng(self.seed).permutation(n)
         return np.sort(order[k:]), np.sort(order[:k])
 
@@ -325,18 +384,12 @@ class ImageDataModule(LightningDataModule):
                 f"results with published CIFAR-10 numbers"
             )
 
-    def _exact_sampler(self, dataset: ImageArrayDataset, split: str) -> UnrepeatedDistributedSampler | None:
-        """Under DDP, evaluation outside `fit` (test, validate) shards the split without padding, so every
-        image is counted exactly once. Lightning's default sampler repeats a few images to even out the
-        shards; it is kept for validation during `fit`, where DDP's forward may call collectives that
-        uneven shards would deadlock (validation figures during DDP training can thus count up to
-        world_size - 1 images twice; test figures are exact)."""
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        fitting = self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
-        if split == "train" or not distributed or fitting:
-            return None
-        rank, world = dist.get_rank(), dist.get_world_size()
-        return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+    def _distributed_run(self) -> bool:
+        """Whether this module serves a Trainer running several processes (known before the process group
+        exists, so `prepare_data` can tell), or a process group of more than one rank is up."""
+        if self.trainer is not None and self.trainer.world_size > 1:
+            return True
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def _loader(self, split: str) -> DataLoader:
         if self.resolution_for_epoch is not None and self.trainer is not None:
@@ -348,18 +401,20 @@ class ImageDataModule(LightningDataModule):
         train = split == "train"
         # train and val are scattered rows of the stored array: random access, no kernel readahead
         dataset = ImageArrayDataset(source, self.resolution, rows, self.hflip and train, rows is not None)
-        generator, sampler = None, self._exact_sampler(dataset, split)
+        common = dict(num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=self.num_workers > 0)  # fmt: skip
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not train and distributed:
+            rank, world = dist.get_rank(), dist.get_world_size()
+            if self.trainer is not None and self.trainer.state.fn == TrainerFn.PREDICTING:  # nothing counted
+                sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+                return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **common)
+            # every image once, equal batch counts on all ranks (see EvenShardSampler); batches come whole
+            sampler = EvenShardSampler(dataset, self.batch_size, num_replicas=world, rank=rank)
+            return DataLoader(dataset, batch_size=None, sampler=sampler, **common)
+        generator = None
         if train:  # a fresh loader each epoch must not repeat the previous epoch's order
             epoch = self.trainer.current_epoch if self.trainer is not None else 0
             seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
             generator = torch.Generator().manual_seed(seed)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            generator=generator,
-        )
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, generator=generator, **common)

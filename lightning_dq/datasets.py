@@ -9,21 +9,28 @@ uint8 values gives q, rem = divmod(s, k*k); the result is q + 1 when 2*rem > k*k
 and q is odd, else q (e.g. sums 2, 6, 10 of a 2x2 block give 0, 2, 2). So 64 -> 16 is a single 4x4 box
 (one rounding), which can differ by 1 from two rounded 2x2 steps: it is the correctly rounded mean of
 the 16 pixels. Batches are reduced in one vectorised call (`ImageArrayDataset.__getitems__`).
+
+Evaluation under DDP uses `EvenShardSampler`: every image once, the same number of batches on every rank.
 """
 
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
+
+from lightning_dq.errors import ConfigError, DataError
 
 
 def servable_resolutions(native: int) -> list[int]:
     """The sides an image stored at `native` x `native` can be served at: native / 2^k, exact integers."""
+    if isinstance(native, bool) or not isinstance(native, int) or native < 1:
+        raise ConfigError(f"stored image side {native!r}: must be an integer >= 1")
     sizes, r = [native], native
     while r % 2 == 0:
         r //= 2
@@ -32,10 +39,10 @@ def servable_resolutions(native: int) -> list[int]:
 
 
 def check_resolution(native: int, resolution: int) -> None:
-    """Raise ValueError unless `resolution` is `native` / 2^k (box averaging needs a power-of-two factor)."""
+    """Raise ConfigError unless `resolution` is `native` / 2^k (box averaging needs a power-of-two factor)."""
     sizes = servable_resolutions(native)
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution not in sizes:
-        raise ValueError(
+        raise ConfigError(
             f"resolution {resolution!r} cannot be served from images stored at {native}x{native}: it must be "
             f"the stored side divided by a power of two, one of {sizes}"
         )
@@ -63,7 +70,7 @@ def box_reduce(images: np.ndarray, factor: int) -> np.ndarray:
 
 
 def check_image_array(images: np.ndarray, source: object) -> None:
-    """Raise ValueError unless `images` is a uint8 (N, 3, S, S) array; `source` names where it came from."""
+    """Raise DataError unless `images` is a uint8 (N, 3, S, S) array; `source` names where it came from."""
     shape = getattr(images, "shape", None)
     if (
         not isinstance(images, np.ndarray)
@@ -72,7 +79,7 @@ def check_image_array(images: np.ndarray, source: object) -> None:
         or images.shape[1] != 3
         or images.shape[2] != images.shape[3]
     ):
-        raise ValueError(
+        raise DataError(
             f"{source}: expected a uint8 image array of shape (N, 3, S, S), got "
             f"{type(images).__name__} {getattr(images, 'dtype', '')} {shape}"
         )
@@ -133,7 +140,11 @@ class ImageArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images) if self.indices is None else len(self.indices)
 
-    def __getitem__(self, i: int) -> Tensor:
+    def __getitem__(self, i: int | list[int]) -> Tensor:
+        """Image `i` as (3, r, r) uint8; a list of positions gives their batch (b, 3, r, r), b may be 0
+        (the form a DataLoader with `batch_size=None` and a sampler of index lists asks for)."""
+        if isinstance(i, list):
+            return self._batch(i)
         row = i if self.indices is None else int(self.indices[i])
         image = box_reduce(self.images[row], self.native_resolution // self.resolution)  # (3, r, r)
         x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))  # (3, r, r) uint8, own memory
@@ -144,10 +155,46 @@ class ImageArrayDataset(Dataset):
     def __getitems__(self, batch: list[int]) -> list[Tensor]:
         """Several images at once (the DataLoader's batched fetch): one vectorised box reduction per batch
         instead of one per image, the same values as `__getitem__`."""
-        rows = np.asarray(batch) if self.indices is None else self.indices[batch]
+        return list(self._batch(batch))
+
+    def _batch(self, positions: list[int]) -> Tensor:
+        rows = np.asarray(positions, dtype=np.intp)  # (B,): intp, so an empty list still indexes
+        rows = rows if self.indices is None else self.indices[rows]
         stored = self.images[rows]  # (B, 3, S, S): a copy (for a memmap: reads just these rows)
         x = torch.from_numpy(box_reduce(stored, self.native_resolution // self.resolution))  # (B, 3, r, r)
         if self.hflip:
             flip = torch.rand(len(x)) < 0.5  # (B,)
             x[flip] = x[flip].flip(-1)
-        return list(x)
+        return x
+
+
+class EvenShardSampler(DistributedSampler):
+    """Evaluation batches of one DDP rank: every image of the split exactly once over all ranks, and the
+    same number of batches on every rank.
+
+    Rank r gets the r-th of `num_replicas` contiguous shards (sizes differ by at most one), cut into
+    ceil(ceil(N / num_replicas) / batch_size) batches of near-equal size (at most `batch_size`). Equal
+    batch counts keep any per-step collective matched across ranks, and a rank is never left with no
+    batch at all (Lightning would skip its whole evaluation loop, epoch-end metric syncs included, while
+    the others wait in them): when a split has fewer images than ranks, the ranks without an image get
+    one empty (0, 3, r, r) batch. Lightning's own `DistributedSampler` pads shards with repeated images
+    instead, counting up to `num_replicas - 1` images twice.
+
+    Yields lists of positions: use it with `DataLoader(dataset, batch_size=None, sampler=...)`, where
+    `ImageArrayDataset[list]` returns the batch. Being a `DistributedSampler`, Lightning keeps it as is.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        shards = np.array_split(np.arange(len(dataset)), num_replicas)
+        per_rank = len(shards[0])  # the largest shard: array_split puts the extra images first
+        batches = -(-per_rank // batch_size)
+        self.batches = [b.tolist() for b in np.array_split(shards[rank], batches)] if batches else []
+        self.num_samples = len(shards[rank])
+        self.total_size = len(dataset)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

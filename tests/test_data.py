@@ -1,6 +1,7 @@
 """Data layer: exact box reduction, pixel-exact round trips through every on-disk format (fixtures are
 written here in the real formats), the real CIFAR-10 files in ../shared/data when present, memory-mapped
-ImageNet, resolution switching under a Trainer, clear errors on bad input, sample data and fallback."""
+ImageNet and its cache, resolution switching under a Trainer, sample data and fallback. Bad input:
+tests/test_data_errors.py; evaluation sharding under DDP: tests/test_data_ddp.py."""
 
 from __future__ import annotations
 
@@ -21,7 +22,15 @@ from PIL import Image
 
 from lightning_dq.data import ImageDataModule
 from lightning_dq.datasets import ImageArrayDataset, box_reduce, check_resolution, servable_resolutions
-from lightning_dq.formats import SAMPLE_PHOTOS, cache_is_current, imagenet_cache, sample_patches, sample_photo
+from lightning_dq.errors import DataError
+from lightning_dq.formats import (
+    SAMPLE_PHOTOS,
+    cache_is_current,
+    default_cache_dir,
+    imagenet_cache,
+    sample_patches,
+    sample_photo,
+)
 
 # fixtures are not the official files: their md5 warning is expected (and tested on its own below)
 pytestmark = pytest.mark.filterwarnings("ignore:.*differs from the official CIFAR-10 files")
@@ -260,7 +269,7 @@ def test_imagenet64_memmap_resolution_switch_and_workers(data_imagenet64):
     root, train, val = data_imagenet64
     dm = ImageDataModule("imagenet64", root=str(root), batch_size=5, num_workers=0, resolution=64, val_size=6)
     dm.prepare_data()
-    cache = imagenet_cache(root, 64, "train")
+    cache = imagenet_cache(default_cache_dir(root), 64, "train")
     stamp = cache.stat().st_mtime_ns
     dm.prepare_data()  # already converted: not rewritten
     assert cache.stat().st_mtime_ns == stamp and np.load(cache, mmap_mode="r").shape == (30, 3, 64, 64)
@@ -287,8 +296,9 @@ def test_imagenet_cache_is_redone_when_the_npz_files_change(data_imagenet64):
     dm.prepare_data()
     files = sorted((root / "Imagenet64_val_npz").glob("*.npz"))
     np.savez(files[0], data=images(2, 64, 5).reshape(2, -1), labels=np.ones(2, int))
-    assert not cache_is_current(imagenet_cache(root, 64, "test"), files)
-    with pytest.raises(RuntimeError, match=r"imagenet64_test.npy is missing or was converted from other"):
+    assert not cache_is_current(imagenet_cache(default_cache_dir(root), 64, "test"), files, root)
+    with pytest.raises(DataError, match=r"imagenet64_test.npy was converted from other npz files \(changed since: "
+                       r"Imagenet64_val_npz/val_data.npz \(\d+ bytes\)\).*make prepare-imagenet64 DATA_ROOT="):
         dm.setup("test")
     dm.prepare_data()
     dm.setup("test")
@@ -315,7 +325,7 @@ def test_imagenet_memmap_keeps_resident_memory_small(tmp_path):
     # The fresh cache is fully in the page cache, and the kernel maps cached pages around each touched one
     # into the process (counted as resident, though shared and reclaimable). Drop its clean cached pages so
     # the measurement sees what setup and reading actually bring in, as with a dataset larger than RAM.
-    fd = os.open(imagenet_cache(tmp_path, 64, "train"), os.O_RDONLY)
+    fd = os.open(imagenet_cache(default_cache_dir(tmp_path), 64, "train"), os.O_RDONLY)
     os.fsync(fd)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     os.close(fd)
@@ -460,99 +470,3 @@ def test_sample_is_offline_real_photos_with_photo_level_splits():
     np.testing.assert_array_equal(x_val.numpy(), sample_patches(["chelsea"], 32))
     train_bytes = {bytes(p.numpy()) for p in x_train}
     assert not any(bytes(p.numpy()) in train_bytes for p in torch.cat([x_val, x_test]))
-
-
-# --- bad input --------------------------------------------------------------------------------------
-
-
-def test_missing_cifar10_explains_the_fix(tmp_path):
-    dm = ImageDataModule("cifar10", root=str(tmp_path), num_workers=0)
-    with pytest.raises(FileNotFoundError, match=r"no CIFAR-10 under .*set download=True .*batches-py"):
-        dm.setup("fit")
-    folder = write_cifar(tmp_path, [images(1, 32, i) for i in range(5)], images(1, 32, 9))
-    (folder / "data_batch_3").unlink()
-    with pytest.raises(FileNotFoundError, match=r"data_batch_3 is missing"):
-        dm.setup("fit")
-
-
-def truncate(path: Path) -> None:
-    raw = path.read_bytes()
-    path.write_bytes(raw[: len(raw) // 2])
-
-
-@pytest.mark.parametrize(
-    ("damage", "match"),
-    [
-        (truncate, r"test_batch is not a readable CIFAR-10 pickle"),
-        (lambda p: p.write_bytes(pickle.dumps({b"data": np.zeros((2, 3071), "u1")})), r"uint8 \(2, 3071\)"),
-        (lambda p: p.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), "f4")})), r"float32 \(2, 3072\)"),
-        (lambda p: p.write_bytes(pickle.dumps({b"labels": [1]})), r"test_batch: key 'data' .* got NoneType"),
-        (lambda p: p.write_bytes(pickle.dumps([1, 2])), r"test_batch: expected a pickled dict"),
-    ],
-)
-def test_bad_cifar10_files_name_the_file(tmp_path, damage, match):
-    folder = write_cifar(tmp_path, [], images(2, 32, 0))
-    damage(folder / "test_batch")
-    with pytest.raises(ValueError, match=match):
-        ImageDataModule("cifar10", root=str(tmp_path), num_workers=0).setup("test")
-
-
-def test_bad_imagenet_files_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"image-net.org/download-images.php.*data_batch_1\.\.10"):
-        ImageDataModule("imagenet32", root=str(tmp_path / "nothing")).prepare_data()
-    write_imagenet(tmp_path, 32, [images(2, 32, i) for i in range(10)], images(2, 32, 10), official=False)
-    with pytest.raises(RuntimeError, match=r"prepare_data\(\) converts"):
-        ImageDataModule("imagenet32", root=str(tmp_path), num_workers=0).setup("test")
-    path = tmp_path / "train_data_batch_2.npz"
-    truncate(path)
-    with pytest.raises(ValueError, match=r"train_data_batch_2.npz is not a readable npz"):
-        ImageDataModule("imagenet32", root=str(tmp_path)).prepare_data()
-    np.savez(path, data=images(2, 64, 0).reshape(2, -1))  # 64x64 rows in a 32x32 dataset
-    with pytest.raises(ValueError, match=r"data_batch_2.npz: 'data' must be uint8 of shape \(N, 3072\)"):
-        ImageDataModule("imagenet32", root=str(tmp_path)).prepare_data()
-    np.savez(path, data=np.zeros((2, 3072), np.int64))
-    with pytest.raises(ValueError, match=r"train_data_batch_2.npz: .*got int64"):
-        ImageDataModule("imagenet32", root=str(tmp_path)).prepare_data()
-    np.savez(path, pixels=images(2, 32, 0).reshape(2, -1))
-    with pytest.raises(ValueError, match=r"train_data_batch_2.npz: no 'data' array"):
-        ImageDataModule("imagenet32", root=str(tmp_path)).prepare_data()
-    assert not list((tmp_path / "lightning_dq_cache").glob("*.tmp*"))  # failed conversions leave nothing
-
-
-def test_bad_image_folders_name_the_file(tmp_path):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    with pytest.raises(FileNotFoundError, match=r"no PNG/JPEG images .* found under .*empty"):
-        ImageDataModule("folder", root=str(tmp_path / "empty"), resolution=8).setup()
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for i in range(10):
-        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(bad / f"{i}.png")
-    raw = (bad / "3.png").read_bytes()
-    (bad / "3.png").write_bytes(raw[: len(raw) - 20])  # truncated: IDAT end and IEND missing
-    with pytest.raises(ValueError, match=r"3.png is not a readable 8-bit PNG/JPEG"):
-        ImageDataModule("folder", root=str(bad), resolution=8, val_size=1).setup()
-    with pytest.raises(ValueError, match=r"0.png is 8x8, smaller than the stored size 16x16"):
-        ImageDataModule("folder", root=str(bad), resolution=16, val_size=1).setup()
-    few = tmp_path / "few"
-    few.mkdir()
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(few / "0.png")
-    with pytest.raises(ValueError, match=r"holds 1 images: every 10th is held out"):
-        ImageDataModule("folder", root=str(few), resolution=8).setup()
-    (tmp_path / "split" / "train").mkdir(parents=True)
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "split" / "train" / "0.png")
-    with pytest.raises(FileNotFoundError, match=r"image folder .*split/test does not exist"):
-        ImageDataModule("folder", root=str(tmp_path / "split"), resolution=8, val_size=0).setup("test")
-
-
-def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match=r"val_size=5 holds out 5 of 5 train images"):
-        ImageDataModule("synthetic", synthetic_train=5, val_size=5, num_workers=0).setup("fit")
-    with pytest.raises(ValueError, match=r"fallback='sample': 'sample' is only for dataset cifar10"):
-        ImageDataModule("folder", fallback="sample")
-    with pytest.raises(ValueError, match=r"batch_size must be >= 1, got 0"):
-        ImageDataModule("synthetic", batch_size=0)
-    with pytest.raises(RuntimeError, match=r"no test split loaded"):
-        ImageDataModule("synthetic").test_dataloader()
-    with pytest.raises(ValueError, match=r"indices must lie in \[0, 4\), got 0 to 4"):
-        ImageArrayDataset(images(4, 8, 0), 8, np.array([0, 4]))

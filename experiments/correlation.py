@@ -160,7 +160,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", default="runs/exp/dq_vs_vq/runs", help="the runs/ folder of experiments/dq_vs_vq.py")
     p.add_argument("--init", choices=["default", "kaiming"], default="kaiming", help="init of the trained nets to use")
     p.add_argument("--seeds", type=int, default=3, help="training seeds to analyse (mean ± std over them)")
-    p.add_argument("--images", type=int, default=2000, help="held-out images")
+    p.add_argument("--images", type=int, default=1000, help="held-out images")
     p.add_argument("--out", required=True)
     p.add_argument("--smoke", action="store_true", help="synthetic 16x16 images (the nets must be smoke nets)")
     args = p.parse_args(argv)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -101,12 +102,36 @@ class ValidationCurve(Callback):
         self.points.append(point)
 
 
-def train_one(spec: RunSpec, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Train one run (or load its result when it exists) and return its result."""
+def claim(run_dir: Path) -> bool:
+    """Mark run_dir as trained by this process; False when a live process holds it already (so several
+    invocations can share one --out without training a run twice)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "claim"
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(path.read_text() or 0)
+            os.kill(pid, 0)  # raises when no such process: a stale claim of an interrupted run
+            return pid == os.getpid()
+        except (ValueError, ProcessLookupError):
+            path.write_text(str(os.getpid()))
+            return True
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
+def train_one(spec: RunSpec, cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """Train one run (or load its result when it exists) and return its result; None when another
+    process is training it."""
     run_dir = Path(cfg["out"]) / "runs" / spec.name
     result_file = run_dir / "result.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
+    if not claim(run_dir):
+        print(f"[dq_vs_vq] {spec.name}: trained by another process, skipped here", flush=True)
+        return None
     torch.set_num_threads(cfg["threads"])
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -143,6 +168,7 @@ def train_one(spec: RunSpec, cfg: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
     save_net(run_dir / "net.pt", kwargs, net)
     result_file.write_text(json.dumps(result, indent=2) + "\n")
+    (run_dir / "claim").unlink(missing_ok=True)
     print(f"[dq_vs_vq] {spec.name}: A={result['A']:.3f} B={result['B']:.3f} mse={result['mse']:.4f} "
           f"perplexity={[round(p, 1) for p in result['perplexity']]} ({result['wall_seconds']} s)", flush=True)
     return result
@@ -330,11 +356,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not done:
             raise FileNotFoundError(f"--summarize-only: no finished run under {Path(args.out) / 'runs'}")
         results = [train_one(s, cfg) for s in done]  # loads result.json, trains nothing
+        specs = done
     elif args.jobs == 1:
         results = [train_one(s, cfg) for s in specs]
     else:
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
             results = list(pool.map(train_one, specs, [cfg] * len(specs)))
+    missing += [s.name for s, r in zip(specs, results, strict=True) if r is None and s.name not in missing]
+    results = [r for r in results if r is not None]
     out = Path(args.out)
     summary, md = summarize(results, cfg)
     summary["missing"] = missing

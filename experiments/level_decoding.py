@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", default="runs/exp/dq_vs_vq/runs", help="the runs/ folder of experiments/dq_vs_vq.py")
     p.add_argument("--init", choices=["default", "kaiming"], default="kaiming", help="init of the trained nets to use")
     p.add_argument("--seed", type=int, default=0, help="training seed of the nets to show")
-    p.add_argument("--images", type=int, default=512, help="held-out images of the MSE table")
+    p.add_argument("--images", type=int, default=256, help="held-out images of the MSE table")
     p.add_argument("--show", type=int, default=8, help="images per row of the grid")
     p.add_argument("--out", required=True)
     p.add_argument("--smoke", action="store_true", help="synthetic 16x16 images (the nets must be smoke nets)")

@@ -159,6 +159,7 @@ def test_split_axis_smoke_writes_both_splits(tmp_path):
             assert row["code_dim"] == 4 and row["fit_vectors"] == 64 * 16  # same D and sample count both ways
             assert 0 <= row["entropy_bits"] <= 3 and row["iterations"] < 200 and row["relative_mse"] >= 0
     assert "| channel |" in (tmp_path / "split_axis.md").read_text()
+    assert (tmp_path / "split_axis.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_correlation_and_level_decoding_smoke_read_the_trained_nets(grid_run, tmp_path):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -38,7 +39,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_sum
 
-from lightning_dq.errors import CheckpointError
+from lightning_dq.errors import CheckpointError, ConfigError
 
 MAX_LISTED = 12  # keys shown per category in a mismatch message
 
@@ -91,10 +92,12 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mma
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
         raise CheckpointError(
-            f"checkpoint {path} contains pickled Python objects that are not plain tensors, numbers, strings "
-            f"or containers, so it is not loaded (weights_only=True protects against code in untrusted files). "
-            f"If you trust it, re-save it with its objects turned into plain types. Details: {err}"
+            f"checkpoint {path} contains a pickled Python object ({found.group(1) if found else 'not plain data'}), "
+            f"not only tensors, numbers, strings and containers, so it is not loaded (weights_only=True: loading "
+            f"must not run code from a file). If you trust the file, load it in Python with "
+            f"torch.load(..., weights_only=False) and re-save it with plain types"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as err:
         raise CheckpointError(
@@ -225,7 +228,7 @@ class ResumeCheckpoint(ModelCheckpoint):
 
     def __init__(self, every_n_train_steps: int = 500) -> None:
         if every_n_train_steps < 0:
-            raise ValueError(f"resume.every_n_train_steps must be >= 0, got {every_n_train_steps}")
+            raise ConfigError(f"resume.every_n_train_steps must be >= 0, got {every_n_train_steps}")
         super().__init__(save_last=bool(every_n_train_steps), save_top_k=0, every_n_train_steps=every_n_train_steps,
                          every_n_epochs=0, enable_version_counter=False)  # fmt: skip
         self._pending: dict[str, Any] | None = None

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from lightning_dq.errors import UserError
+from lightning_dq.errors import ConfigError, UserError
 
 
 class TrainingDivergedError(UserError, RuntimeError):
@@ -46,7 +46,7 @@ class NonFiniteGuard(Callback):
 
     def __init__(self, max_consecutive: int = 20) -> None:
         if max_consecutive < 0:
-            raise ValueError(f"non_finite_guard.max_consecutive must be >= 0, got {max_consecutive}")
+            raise ConfigError(f"non_finite_guard.max_consecutive must be >= 0, got {max_consecutive}")
         self.max_consecutive = max_consecutive
         self.skipped_steps = 0  # total over the run (saved in checkpoints)
         self.consecutive = 0  # skipped steps in a row, reset by a good step

@@ -24,6 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_dq.errors import ConfigError
+
 SCORE_BUDGET = 1 << 22  # max elements of one (M, chunk, K) distance block in `Codebook.nearest`
 
 # ---------------------------------------------------------------------------------------------------
@@ -178,11 +180,11 @@ class Codebook(nn.Module):
         _check_int("codebook_size", codebook_size, 2)
         _check_int("code_dim", code_dim, 1)
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got decay={decay!r}")
+            raise ConfigError(f"decay must be in [0, 1), got decay={decay!r}")
         if eps <= 0:
-            raise ValueError(f"eps must be > 0, got eps={eps!r}")
+            raise ConfigError(f"eps must be > 0, got eps={eps!r}")
         if dead_code_threshold < 0:
-            raise ValueError(f"dead_code_threshold must be >= 0, got dead_code_threshold={dead_code_threshold!r}")
+            raise ConfigError(f"dead_code_threshold must be >= 0, got dead_code_threshold={dead_code_threshold!r}")
         self.num_codebooks, self.codebook_size, self.code_dim = num_codebooks, codebook_size, code_dim
         self.decay, self.eps, self.dead_code_threshold = decay, eps, dead_code_threshold
         self.restart_enabled = True
@@ -370,9 +372,9 @@ class DepthwiseQuantizer(nn.Module):
         super().__init__()
         _check_int("in_channels", in_channels, 1)
         if mode not in ("dq", "vq"):
-            raise ValueError(f"mode must be 'dq' or 'vq', got mode={mode!r}")
+            raise ConfigError(f"mode must be 'dq' or 'vq', got mode={mode!r}")
         if commitment_reduction not in ("sum", "mean"):
-            raise ValueError(
+            raise ConfigError(
                 f"commitment_reduction must be 'sum' or 'mean', got commitment_reduction={commitment_reduction!r}"
             )
         self.in_channels, self.mode, self.commitment_reduction = in_channels, mode, commitment_reduction
@@ -468,4 +470,4 @@ class DepthwiseQuantizer(nn.Module):
 
 def _check_int(name: str, value: int, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")

@@ -69,9 +69,10 @@ def test_32px_dataset_configs_fit_and_test_on_real_format_files(dataset, tmp_pat
 def test_imagenet64_config_trains_at_32_then_64_and_tests_at_64(tmp_path, configs, debug_net, write_imagenet):
     data, run = tmp_path / "data", tmp_path / "run"
     _, val = write_imagenet(data, 64, per_batch=2, num_val=3, official=True)  # Imagenet64_train_part1_npz/...
+    # the config's schedule {0: 32, 10: 64}, with the 64x64 stage from epoch 1
     args = [*configs("base", "imagenet64"), *run_args(run, data, debug_net), "--data.init_args.val_size=4",
             "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
-            "--resolution_schedule.milestones={0: 32, 1: 64}"]  # the config's {0: 32, 10: 64}, 64x64 from epoch 1
+            "--resolution_schedule.milestones={0: 32, 1: 64}"]  # fmt: skip
     main(["fit", *args, "--trainer.max_epochs=2"])
     rows = RunRecord(str(run)).read()
     trained = {int(r["epoch"]): int(r["train/resolution_epoch"]) for r in rows if "train/resolution_epoch" in r}

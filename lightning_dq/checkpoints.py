@@ -292,7 +292,8 @@ class _SkipFirst:
 
     def __iter__(self) -> Iterator:
         it = iter(self.sampler)
-        for _ in range(self.skip):
+        skip, self.skip = self.skip, 0  # once: a persistent-workers iterator keeps this object for later epochs
+        for _ in range(skip):
             next(it, None)
         yield from it
 

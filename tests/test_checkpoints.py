@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_dq.checkpoints import AtomicCheckpointIO, load_checkpoint_file
+from lightning_dq.checkpoints import AtomicCheckpointIO, ResumableDataLoader, load_checkpoint_file
 from lightning_dq.cli import main
 from lightning_dq.errors import CheckpointError
 
@@ -73,6 +73,29 @@ def test_load_errors_name_the_file(tmp_path):
         with pytest.raises(CheckpointError, match=message) as err:
             load_checkpoint_file(tmp_path / name)
         assert str(tmp_path / name) in str(err.value)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumable_loader_continues_where_its_state_says(workers):
+    data = torch.arange(40)
+
+    def loader() -> ResumableDataLoader:  # the order is a function of the seed, not of the global RNG
+        return ResumableDataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(3),
+                                   num_workers=workers)  # fmt: skip
+
+    full = [b.tolist() for b in loader()]
+    first = loader()
+    it = iter(first)
+    seen = [next(it).tolist() for _ in range(3)]
+    state = first.state_dict()
+    assert state == {"batches_yielded": 3} and seen == full[:3]
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert len(resumed) == 10  # Lightning counts the epoch from the full length
+    assert [b.tolist() for b in resumed] == full[3:]  # the rest of the epoch, nothing repeated
+    assert resumed.state_dict() == {"batches_yielded": 10}
+    again = [x for b in resumed for x in b.tolist()]  # the generator moved on: a new order, but a whole epoch
+    assert sorted(again) == list(range(40))  # the skip applied to one iteration only
 
 
 @pytest.fixture(scope="module")

@@ -105,3 +105,15 @@ def test_nan_on_one_rank_skips_on_both_and_stops_both_together(tmp_path, free_po
         assert torch.isfinite(value.float()).all(), name
         # the skipped steps changed nothing: the last checkpoint holds the weights the run stopped with
         assert torch.equal(value, results[0]["diverged"]["state"][name]), name
+
+
+def test_single_process_skip_with_gradient_clipping():
+    torch.manual_seed(0)
+    model = TinyQuantized(bad_rank=0, bad_steps={1})
+    guard = NonFiniteGuard(max_consecutive=2)
+    trainer = Trainer(accelerator="cpu", max_steps=3, logger=False, gradient_clip_val=2.0, callbacks=[guard],
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(model, DataLoader(torch.randn(16, 3, 2, 2), batch_size=4))
+    assert trainer.global_step == 3 and guard.skipped_steps == 1 and guard.consecutive == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(b.float()).all() for b in model.quantizer.codebook.buffers())

@@ -56,7 +56,7 @@ def test_32px_dataset_configs_fit_and_test_on_real_format_files(dataset, tmp_pat
     dm = cli.datamodule
     # the data section of the dataset config is what ran
     assert (dm.dataset, dm.batch_size, dm.resolution) == (dataset, 128, 32)
-    assert dm.data_description.startswith(f"{TITLES[dataset]} from ")
+    assert dm.data_description.startswith(f"{TITLES[dataset]} from {data}")
     assert f"{len(pool) - 4} train, 4 val" in dm.data_description
     assert cli.trainer.global_step == 1 and math.isfinite(float(cli.trainer.callback_metrics["val/bpd_decoder"]))
     main(["test", *args, "--trainer.fast_dev_run=1"])  # one batch of 128: the whole test split of the fixture

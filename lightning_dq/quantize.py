@@ -236,10 +236,10 @@ class Codebook(nn.Module):
     # -- training-mode updates -----------------------------------------------------------------------
 
     def code_counts(self, codes: Tensor) -> Tensor:
-        """Histogram of `codes` `(M, N)` per codebook -> `(M, K)` float32, by one bincount."""
+        """Histogram of `codes` `(M, N)` per codebook -> `(M, K)` float32, by one `index_add_`."""
         m, k = self.num_codebooks, self.codebook_size
         offsets = torch.arange(m, device=codes.device).unsqueeze(1) * k  # (M, 1)
-        return torch.bincount((codes + offsets).flatten(), minlength=m * k).view(m, k).float()
+        return _histogram((codes + offsets).flatten(), m * k).view(m, k)
 
     @torch.no_grad()
     def initialize(self, x: Tensor, finite: Tensor | None = None) -> None:
@@ -271,7 +271,7 @@ class Codebook(nn.Module):
             finite = torch.isfinite(x).all()
         offsets = torch.arange(m, device=codes.device).unsqueeze(1) * k  # (M, 1)
         flat_codes = (codes + offsets).flatten()  # (M*N,)
-        counts = torch.bincount(flat_codes, minlength=m * k).view(m, k).float()  # (M, K)
+        counts = _histogram(flat_codes, m * k).view(m, k)  # (M, K)
         sums = x.new_zeros(m * k, d).index_add_(0, flat_codes, x.reshape(-1, d)).view(m, k, d)  # (M, K, D)
         # one collective for counts, sums and the count of ranks with a non-finite batch
         packed = torch.cat([torch.cat([counts.unsqueeze(-1), sums], dim=-1).flatten(), (~finite).float().view(1)])
@@ -466,6 +466,15 @@ class DepthwiseQuantizer(nn.Module):
             straight_through = self._to_image(chosen, b, h, w) + (continuous - continuous.detach())
         codes_bmhw = codes.view(cb.num_codebooks, b, h, w).permute(1, 0, 2, 3).contiguous()  # (B, M, h, w)
         return QuantizerOutput(straight_through, codes_bmhw, commitment, stats)
+
+
+def _histogram(index: Tensor, size: int) -> Tensor:
+    """Counts of each value of `index` `(N,)` in [0, size) -> `(size,)` float32, exact below 2**24 per bin.
+
+    `index_add_` rather than `torch.bincount`, which reads the maximum back to the host (a sync) on GPUs.
+    """
+    ones = torch.ones(index.shape[0], device=index.device)
+    return torch.zeros(size, device=index.device).index_add_(0, index, ones)
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:

@@ -41,8 +41,8 @@ def free_port() -> Callable[[], int]:
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for the module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`): their
-    tensors are tiny, and on a shared 2-core machine a second thread only adds spin-wait (a debug-net training
-    step took 10x the CPU time with 2 threads under load). Module-scoped, so module-scoped fits get it too."""
+    tensors are tiny, and on a shared, loaded 2-core machine a second intra-op thread mostly spin-waits (it
+    multiplied the CPU time of a debug-net training step). Module-scoped, so module-scoped fits get it too."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

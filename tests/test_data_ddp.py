@@ -127,7 +127,7 @@ def test_every_image_once_on_two_ranks(tmp_path, free_port):
     assert sizes == [[1], [0]]  # 1 test image, 2 ranks: rank 1 evaluates one empty batch
 
 
-@pytest.mark.slow  # a second 2-process launch (about 2 minutes on the shared CPUs); test_every_image_once covers the data
+@pytest.mark.slow  # a second 2-process launch (2 minutes on the loaded shared CPUs); the data part is tested above
 def test_cli_fit_validation_smaller_than_the_world(tmp_path, free_port):
     """The real console entry and model: 1 validation image on 2 ranks is counted once (Lightning's sampler
     would serve it to both), and the rank with the empty batch neither hangs nor fails."""

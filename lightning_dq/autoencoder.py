@@ -15,6 +15,9 @@ No Lightning code here: the model runs in a notebook without a Trainer.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import warnings
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -25,6 +28,31 @@ from lightning_dq.likelihood import head_channels, head_nll
 from lightning_dq.quantize import CodebookStats, DepthwiseQuantizer, QuantizerMode
 
 Head = Literal["mix", "categorical", "mse"]
+
+
+@functools.cache
+def _bf16_native(device_type: str) -> bool:
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device_type == "cpu":  # oneDNN's bf16 kernels need AVX512-BF16 or AMX; AVX2 CPUs emulate bf16
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return True
+
+
+def bf16_is_native(device: torch.device | str) -> bool:
+    """Whether `device` computes bf16 convolutions and matmuls in hardware (CUDA: compute capability 8.0+;
+    CPU: AVX512-BF16 or AMX). Elsewhere bf16 is emulated: on an AVX2 CPU a bf16 convolution measured 6-50x
+    slower than the same fp32 one (docs/benchmarks.md)."""
+    return _bf16_native(torch.device(device).type)
+
+
+@torch.compiler.disable
+def _warn_emulated_bf16(device_type: str) -> None:
+    warnings.warn(
+        f"bf16 autocast on a {device_type} without native bf16 (no AVX512-BF16/AMX): the auto-encoder runs its "
+        "convolutions in fp32, several times faster there (set emulated_bf16=True to force bf16)",
+        stacklevel=3,
+    )
 
 # ---------------------------------------------------------------------------------------------------
 # building blocks (no normalisation layers anywhere, as in the official code)
@@ -143,6 +171,9 @@ class HierarchicalAutoEncoder(nn.Module):
             its input (its output moves ~3e-4 of its spread when the codes change, vs 0.66), so the
             commitment term shrinks the features and the upper levels collapse to a few codes before the
             decoder learns to use them; "kaiming" keeps them in use (docs/results.md).
+        emulated_bf16: inside a bf16 autocast region on a device without native bf16 (`bf16_is_native`),
+            False (default) runs the convolutions in fp32 (the fast path there: emulated bf16 is several
+            times slower); True keeps bf16 anyway (to study its numerics).
     """
 
     def __init__(
@@ -162,6 +193,7 @@ class HierarchicalAutoEncoder(nn.Module):
         dead_code_threshold: float = 1.0,
         commitment_reduction: Literal["sum", "mean"] = "sum",
         init: Literal["default", "kaiming"] = "default",
+        emulated_bf16: bool = False,
     ) -> None:
         super().__init__()
         for name, value in [("channels", channels), ("coder_blocks", coder_blocks), ("res_channels", res_channels)]:
@@ -176,6 +208,7 @@ class HierarchicalAutoEncoder(nn.Module):
         self.codebook_sizes = list(codebook_sizes)
         self.num_levels = len(self.codebook_sizes)
         self.stride, self.coder_blocks, self.head, self.num_mixtures = stride, coder_blocks, head, num_mixtures
+        self.emulated_bf16 = emulated_bf16
         c, L, md = channels, self.num_levels, num_codebooks * code_dim
         block = dict(res_blocks=res_blocks, res_channels=res_channels)
 
@@ -264,8 +297,21 @@ class HierarchicalAutoEncoder(nn.Module):
             raise ValueError(f"images must be uint8 (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
         return x.float() / 127.5 - 1.0
 
+    def _precision(self, x: Tensor) -> contextlib.AbstractContextManager:
+        """Autocast off where bf16 autocast is on but `x`'s device only emulates bf16 (see `emulated_bf16`)."""
+        kind = x.device.type
+        if (self.emulated_bf16 or not torch.is_autocast_enabled(kind)
+                or torch.get_autocast_dtype(kind) != torch.bfloat16 or bf16_is_native(kind)):
+            return contextlib.nullcontext()
+        _warn_emulated_bf16(kind)
+        return torch.autocast(kind, enabled=False)
+
     def _quantize(self, x: Tensor):
         """Bottom-up encoding, then top-down quantization; lists are returned top first."""
+        with self._precision(x):
+            return self._quantize_levels(x)
+
+    def _quantize_levels(self, x: Tensor):
         self.check_resolution(x.shape[-1])
         h = self.normalize(x)  # (B, 3, H, W)
         features = []
@@ -285,8 +331,9 @@ class HierarchicalAutoEncoder(nn.Module):
     def _decode_quantized(self, quantized: list[Tensor]) -> Tensor:
         """Quantized tensors per level (top first) -> head parameters (B, head_channels, H, W)."""
         levels = reversed(range(self.num_levels))  # quantized is top first; module lists are bottom first
-        grids = [self.upsamplers[level](q) for level, q in zip(levels, quantized, strict=True)]
-        return self.decoder(torch.cat(grids, dim=1))  # (B, C*L, H/s, W/s) -> (B, P, H, W)
+        with self._precision(quantized[0]):
+            grids = [self.upsamplers[level](q) for level, q in zip(levels, quantized, strict=True)]
+            return self.decoder(torch.cat(grids, dim=1))  # (B, C*L, H/s, W/s) -> (B, P, H, W)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> list[Tensor]:

@@ -242,6 +242,8 @@ class AutoEncoderModule(CodeModelModule):
             optimizer step (e.g. `lightning_dq.schedules.WarmupCosine`); None keeps the lr constant.
         channels_last: run the convolutions in channels_last memory format (faster on CPUs and GPUs
             with bf16 autocast).
+        compile: run the network's forward through `torch.compile` (off by default: on the 2-core CPU of
+            docs/benchmarks.md compiling took over 15 minutes; weights and checkpoints are unchanged).
     """
 
     def __init__(
@@ -251,6 +253,7 @@ class AutoEncoderModule(CodeModelModule):
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         channels_last: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         save_config(self, ["net", "optimizer", "lr_scheduler"])
@@ -261,6 +264,8 @@ class AutoEncoderModule(CodeModelModule):
         self._init_metrics(specs, dict.fromkeys(STAGES, names))
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
+        # a compiled bound method, not a module: the state dict keeps its keys (no `_orig_mod.` prefix)
+        self._compiled_forward = torch.compile(self.net.forward) if compile else None
 
     @property
     def code_net(self) -> HierarchicalAutoEncoder:
@@ -276,7 +281,7 @@ class AutoEncoderModule(CodeModelModule):
     def forward(self, x: Tensor) -> AutoEncoderOutput:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        return self._compiled_forward(x) if self._compiled_forward is not None else self.net(x)
 
     def _step(self, batch: Tensor, stage: str) -> Tensor:
         x = batch  # (B, 3, H, W) uint8

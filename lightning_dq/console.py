@@ -157,7 +157,7 @@ class PlainProgressBar(ProgressBar):
         self._eval_start()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        total = self.total_test_batches_current_dataloader
+        total = trainer.num_test_batches[dataloader_idx]
         self._eval_batch(trainer, "test", batch, batch_idx, total, end=batch_idx + 1 == total)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -173,7 +173,7 @@ class PlainProgressBar(ProgressBar):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
         if trainer.state.fn == "validate":  # during fit, the epoch-end line reports validation
-            total = self.total_val_batches_current_dataloader
+            total = trainer.num_val_batches[dataloader_idx]
             self._eval_batch(trainer, "validate", batch, batch_idx, total, end=batch_idx + 1 == total)
 
 
@@ -326,7 +326,8 @@ MAIN_EPILOG = """\
 where to find every option:
   lightning-dq fit --help                 all groups, every key with its type, default and doc
   lightning-dq fit --print_config ...     the merged config of your --config files, ready to edit
-  lightning-dq fit --model.help AutoEncoderModule   (also --data.help ImageDataModule, --model.init_args.net.help ...)
+  lightning-dq fit --model.help lightning_dq.module.AutoEncoderModule   a model class's options (or PriorModule)
+  lightning-dq fit --data.help lightning_dq.data.ImageDataModule       the data options
   groups: trainer (Lightning Trainer), model, data, and the project's own:
 """
 

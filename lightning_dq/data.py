@@ -49,6 +49,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from torchvision.datasets.utils import download_and_extract_archive
 
+from lightning_dq.checkpoints import ResumableDataLoader
 from lightning_dq.datasets import EvenShardSampler, ImageArrayDataset, check_image_array, check_resolution
 from lightning_dq.errors import ConfigError, DataError, DataNotFoundError
 from lightning_dq.formats import (
@@ -412,9 +413,11 @@ class ImageDataModule(LightningDataModule):
             # every image once, equal batch counts on all ranks (see EvenShardSampler); batches come whole
             sampler = EvenShardSampler(dataset, self.batch_size, num_replicas=world, rank=rank)
             return DataLoader(dataset, batch_size=None, sampler=sampler, **common)
-        generator = None
-        if train:  # a fresh loader each epoch must not repeat the previous epoch's order
-            epoch = self.trainer.current_epoch if self.trainer is not None else 0
-            seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
-            generator = torch.Generator().manual_seed(seed)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, generator=generator, **common)
+        if not train:
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **common)
+        # a fresh loader each epoch must not repeat the previous epoch's order; the order is a function of
+        # (seed, epoch), so a run resumed mid-epoch skips exactly the batches it had trained on
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+        generator = torch.Generator().manual_seed(seed)
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, shuffle=True, generator=generator, **common)

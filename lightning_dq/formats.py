@@ -144,6 +144,8 @@ def _cifar10_batch(raw: bytes, path: Path) -> np.ndarray:
         raise DataError(f"{path}: expected a pickled dict with key 'data', got {type(batch).__name__}; {fix}")
     batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
     data = batch.get("data")
+    if data is None:
+        raise DataError(f"{path}: no key 'data' (keys: {', '.join(map(str, batch)) or 'none'}); {fix}")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(f"{path}: key 'data' must be uint8 of shape (N, 3072), got {_describe(data)}; {fix}")
     return data.reshape(-1, 3, 32, 32)  # rows are channel-first planes R, G, B, each 32x32 row-major
@@ -192,8 +194,10 @@ def imagenet_files(root: Path, size: int) -> dict[str, list[Path]]:
         oord = oord_signs(root, size)
         if oord:
             raise DataError(_oord_message(", ".join(str(p) for p in oord), size))
+        every = sum(len(names) for names in IMAGENET_FILES.values())
+        listing = "all of them" if len(missing) == every else ", ".join(missing)
         raise DataNotFoundError(
-            f"ImageNet-{size} files missing under {root}: {', '.join(missing)}. This dataset cannot be "
+            f"ImageNet-{size} files missing under {root}: {listing}. This dataset cannot be "
             f"downloaded automatically (a login is needed): get 'Downsampled ImageNet {size}x{size}' (npz) "
             f"from {IMAGENET_URL} and unzip train_data_batch_1..10.npz and val_data.npz into {root} "
             f"(directly, or as the official subfolders Imagenet{size}_train..._npz/, Imagenet{size}_val_npz/)"

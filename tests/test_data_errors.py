@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from lightning.pytorch import Trainer
 from PIL import Image
 from test_data import images, write_cifar, write_imagenet
 
@@ -149,7 +150,8 @@ def prepare32(root: Path, cache_dir: Path | None = None) -> None:
 
 
 def test_imagenet_missing_files(tmp_path):
-    with pytest.raises(DataNotFoundError, match=r"missing under .*nothing: all of them\. .*image-net.org/download-images.php.*data_batch_1\.\.10"):
+    expected = r"missing under .*nothing: all of them\. .*image-net.org/download-images.php.*data_batch_1\.\.10"
+    with pytest.raises(DataNotFoundError, match=expected):
         prepare32(tmp_path / "nothing")
     write_imagenet(tmp_path, 32, [images(2, 32, i) for i in range(10)], images(2, 32, 10), official=False)
     (tmp_path / "train_data_batch_7.npz").unlink()
@@ -228,6 +230,17 @@ def test_run_without_cache_names_the_prepare_command(imagenet32, tmp_path):
     cache_dir = tmp_path / "elsewhere"
     with pytest.raises(DataError, match=rf"make prepare-imagenet32 DATA_ROOT={imagenet32} CACHE_DIR={cache_dir}`"):
         ImageDataModule("imagenet32", root=str(imagenet32), cache_dir=str(cache_dir), num_workers=0).setup("test")
+
+
+def test_ddp_prepare_data_does_not_convert(imagenet32):
+    # under a 2-process Trainer, prepare_data (local rank 0, before a barrier) must not start a conversion that
+    # can outlast the barrier: every rank then meets the missing cache in setup, with the command to run
+    dm = ImageDataModule("imagenet32", root=str(imagenet32), num_workers=0)
+    dm.trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)  # built, not launched
+    dm.prepare_data()
+    assert not default_cache_dir(imagenet32).exists()
+    with pytest.raises(DataError, match=r"imagenet32_train.npy does not exist\). .*make prepare-imagenet32"):
+        dm.setup("fit")
 
 
 def test_stale_or_damaged_cache_is_named(imagenet32):

@@ -129,7 +129,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def check_model_matches(state_dict: Mapping[str, Any], model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Raise `CheckpointError` listing the keys and shapes where `state_dict` and `model` disagree."""
+    """Raise `CheckpointError` listing the keys and shapes where `state_dict` and `model` disagree.
+
+    Submodules the model builds from the checkpoint itself (an attribute that is still None, e.g. a
+    `PriorModule`'s auto-encoder before `on_load_checkpoint`) are not compared."""
+    built_on_load = {name for name, value in vars(model).items() if value is None}
+    state_dict = {k: v for k, v in state_dict.items() if k.split(".")[0] not in built_on_load}
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]

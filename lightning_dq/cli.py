@@ -15,6 +15,7 @@ the trainer and model back), the same code path as `make train-imagenet64`.
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 from jsonargparse import set_parsing_settings
@@ -42,12 +43,10 @@ class SaveConfigToRun(SaveConfigCallback):
 def wandb_run_id(root: Path, new: bool) -> str:
     """The W&B run id of the experiment in run directory `root`, kept in `root/wandb_run_id`: a new one
     for a fresh fit (written by rank 0), the stored one for a resume, `test`, `validate` and sampling."""
-    import wandb
-
     path = root / RUN_ID_FILE
     if path.is_file() and (not new or rank_zero_only.rank != 0):  # other ranks read what rank 0 wrote
         return path.read_text().strip()
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:8]  # W&B's own ids are 8 characters of [0-9a-z]
     if rank_zero_only.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         path.write_text(run_id + "\n")

@@ -362,15 +362,29 @@ class PriorModule(CodeModelModule):
         self.autoencoder, self.autoencoder_source = net.eval().to(self.device), source
 
     def setup(self, stage: str) -> None:
-        # a fresh fit reads the auto-encoder checkpoint; a resume or an evaluation gets the network from the
-        # prior checkpoint (on_load_checkpoint), which Lightning restores after this hook
-        if self.autoencoder is None and not (self._trainer is not None and self.trainer.ckpt_path):
-            if stage != "fit":
-                raise CheckpointError(f"{stage} needs a trained prior: pass --ckpt_path=<prior checkpoint>")
-            if not self.autoencoder_ckpt:
-                raise CheckpointError("training a prior needs --model.init_args.autoencoder_ckpt=<AE checkpoint>")
+        # Lightning restores a checkpoint after this hook, and does not say here whether it will: a prior
+        # checkpoint brings its own auto-encoder (on_load_checkpoint). A fit reads `autoencoder_ckpt` when the
+        # file is there; a resume whose file has moved gets the network from the prior checkpoint instead.
+        readable = bool(self.autoencoder_ckpt) and Path(self.autoencoder_ckpt).exists()
+        if self.autoencoder is None and stage == "fit" and readable:
             self.attach_autoencoder(*read_autoencoder(self.autoencoder_ckpt))
         super().setup(stage)
+
+    def _require_autoencoder(self) -> None:
+        if self.autoencoder is None:
+            if self.trainer.state.fn != "fit":
+                stage = self.trainer.state.fn
+                raise CheckpointError(f"{stage} needs a trained prior: pass --ckpt_path=<prior checkpoint>")
+            read_autoencoder(self.autoencoder_ckpt or "")  # raises, naming the missing file
+
+    def on_fit_start(self) -> None:
+        self._require_autoencoder()
+
+    def on_validation_start(self) -> None:
+        self._require_autoencoder()
+
+    def on_test_start(self) -> None:
+        self._require_autoencoder()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["autoencoder"] = {"config": self.autoencoder.config, "source": self.autoencoder_source}

@@ -92,8 +92,9 @@ class ImageLogger(Callback):
         fig, axes = plt.subplots(1, len(usage), figsize=(4 * len(usage), 3), squeeze=False)
         for i, (ax, metric) in enumerate(zip(axes[0], usage, strict=True)):
             hist = metric.hist.cpu()  # (M, K)
-            for m in range(hist.shape[0]):
-                ax.bar(torch.arange(hist.shape[1]) + m * hist.shape[1], hist[m].numpy(), width=1.0)
+            for m in range(hist.shape[0]):  # one step outline per codebook: cheap to draw, unlike a bar per code
+                k = hist.shape[1]
+                ax.stairs(hist[m].numpy(), torch.arange(k + 1).numpy() + m * k, fill=True)
             ax.set_title(f"level {i} (top first): {hist.shape[0]} codebooks x {hist.shape[1]} codes")
             ax.set_xlabel("codebook * K + code")
         axes[0][0].set_ylabel("assignments (val epoch)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
 import socket
@@ -12,6 +13,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+
+
+def pytest_configure(config) -> None:
+    """One torch intra-op thread per test process and its subprocesses (CLI, DDP ranks): the tensors are tiny,
+    and with 2 xdist workers on 2 cores a second thread per process mostly spin-waits (see `one_thread`)."""
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture

@@ -25,8 +25,10 @@ SMALL = ["--trainer.enable_model_summary=false", "--trainer.limit_train_batches=
 PROGRESSIVE = ["--resolution_schedule.milestones={0: 32, 1: 64}", "--checkpoint.monitor=val/loss_64px"]
 
 
-def fit(root: Path, *extra: str, sub: str = "fit") -> None:
-    main([sub, *BASE, *DEBUG, f"--trainer.default_root_dir={root}", *SMALL, *extra])
+def fit(root: Path, *extra: str, sub: str = "fit", configs: tuple[str, ...] = ()) -> None:
+    """Run the CLI on the debug config (+ `configs`, layered after it) in run directory `root`."""
+    layered = [arg for name in configs for arg in ("--config", str(CONFIGS / name))]
+    main([sub, *BASE, *DEBUG, *layered, f"--trainer.default_root_dir={root}", *SMALL, *extra])
 
 
 def rows(root: Path) -> list[dict[str, float]]:
@@ -176,16 +178,16 @@ def test_prior_checkpoint_stands_alone_from_a_python_made_autoencoder(tmp_path):
     trainer.fit(AutoEncoderModule(net), data)
     ae_ckpt = tmp_path / "ae" / "ae.ckpt"
     trainer.save_checkpoint(ae_ckpt)
-    prior = ["--config", str(CONFIGS / "prior_demo.yaml"), f"--model.init_args.autoencoder_ckpt={ae_ckpt}",
-             "--model.init_args.prior.init_args.dim=32", "--trainer.max_epochs=1"]  # fmt: skip
-    fit(tmp_path / "prior", *prior)
+    prior = [f"--model.init_args.autoencoder_ckpt={ae_ckpt}", "--model.init_args.prior.init_args.dim=32",
+             "--trainer.max_epochs=1"]  # fmt: skip
+    fit(tmp_path / "prior", *prior, configs=("prior_demo.yaml",))
     evaluate = [*prior, "--ckpt_path=last", "--trainer.limit_test_batches=2"]
-    fit(tmp_path / "prior", *evaluate, sub="test")
+    fit(tmp_path / "prior", *evaluate, sub="test", configs=("prior_demo.yaml",))
     before = json.loads((tmp_path / "prior" / "evaluation.json").read_text())
     assert before["autoencoder"]["path"] == str(ae_ckpt.resolve()) and before["autoencoder"]["global_step"] == 2
     assert before["prior"]["path"].endswith("last.ckpt") and before["prior"]["global_step"] == 2
     shutil.rmtree(ae_ckpt.parent)  # the auto-encoder checkpoint is gone: the prior checkpoint holds the network
-    fit(tmp_path / "prior", *evaluate, sub="test")
+    fit(tmp_path / "prior", *evaluate, sub="test", configs=("prior_demo.yaml",))
     after = json.loads((tmp_path / "prior" / "evaluation.json").read_text())
     assert after["figures"] == before["figures"] and after["num_images"] == before["num_images"] == 16
     assert all(math.isfinite(v) for v in after["figures"].values())

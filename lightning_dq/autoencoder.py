@@ -196,6 +196,9 @@ class HierarchicalAutoEncoder(nn.Module):
         emulated_bf16: bool = False,
     ) -> None:
         super().__init__()
+        # the constructor arguments: checkpoints store them so the network can be rebuilt from the file alone
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.config["codebook_sizes"] = list(codebook_sizes)
         for name, value in [("channels", channels), ("coder_blocks", coder_blocks), ("res_channels", res_channels)]:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")

@@ -90,9 +90,11 @@ _MD5_WARNED: set[Path] = set()  # files already reported as differing from the o
 class ImageDataModule(LightningDataModule):
     """Image batches, uint8 (B, 3, resolution, resolution), for every stage; no labels.
 
-    Loaders: train shuffles with a generator seeded by (`seed`, epoch); val and test keep their order and
-    drop nothing (every test image exactly once); `pin_memory` when CUDA is available. Workers persist
-    within a loader; a new resolution means a new loader (`reload_dataloaders_every_n_epochs: 1`).
+    Loaders: train shuffles with a generator seeded by (`seed`, epoch) and is a `ResumableDataLoader` (a
+    run resumed mid-epoch skips the batches it had trained on); val and test keep their order and drop
+    nothing (every image exactly once, under DDP too: `EvenShardSampler`); `pin_memory` when CUDA is
+    available. Workers persist within a loader; a new resolution means a new loader
+    (`reload_dataloaders_every_n_epochs: 1`).
 
     Args:
         dataset: which data to serve (see the module docstring). "synthetic" is not real data.

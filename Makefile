@@ -12,6 +12,7 @@ AE_CKPT ?=
 PRIOR_CKPT ?=
 BASE := --config configs/base.yaml
 ROOT := $(if $(DATA_ROOT),--data.init_args.root=$(DATA_ROOT),)
+ROOT += $(if $(CACHE_DIR),--data.init_args.cache_dir=$(CACHE_DIR),)
 AE := $(if $(AE_CKPT),--model.init_args.autoencoder_ckpt=$(AE_CKPT),)
 DDP := $(if $(filter-out 0 1,$(GPUS)),--config configs/ddp.yaml --trainer.devices=$(GPUS),)
 

@@ -411,12 +411,12 @@ class PriorModule(CodeModelModule):
 
     def _step(self, batch: Tensor, stage: str) -> Tensor:
         x = batch  # (B, 3, H, W) uint8
-        b, dims = x.shape[0], x[0].numel()
+        b, dims = x.shape[0], x.shape[1:].numel()  # shapes, not x[0]: a DDP rank may get an empty batch
         with torch.no_grad():  # one auto-encoder pass: codes for the prior, and the decoder figures in evaluation
             out = self.autoencoder(x) if stage != "train" else None
             codes = out.codes if out is not None else self.autoencoder.encode(x)
         nats = -self.prior.log_prob(codes)  # (B,) nats for all codes of an image
-        tokens = sum(c[0].numel() for c in codes)
+        tokens = sum(c.shape[1:].numel() for c in codes)
         loss = nats.mean() / tokens
         values = {"loss": loss.detach().expand(b), "prior_bits_per_code": nats.detach() / tokens / math.log(2),
                   "bpd_prior_codes": nats.detach() / dims / math.log(2)}  # fmt: skip

@@ -242,8 +242,8 @@ class AutoEncoderModule(CodeModelModule):
             optimizer step (e.g. `lightning_dq.schedules.WarmupCosine`); None keeps the lr constant.
         channels_last: run the convolutions in channels_last memory format (faster on CPUs and GPUs
             with bf16 autocast).
-        compile: run the network's forward through `torch.compile` (off by default: on the 2-core CPU of
-            docs/benchmarks.md compiling took over 15 minutes; weights and checkpoints are unchanged).
+        compile: run the network's forward through `torch.compile` (weights and checkpoints unchanged). Off
+            by default: not shown to win yet (docs/benchmarks.md; `benchmarks/train_step.py` measures it).
     """
 
     def __init__(

@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for label, runs in per_net.items()]
     md = "\n".join([
         "# Correlation: channels vs positions, DQ vs VQ sub-tensors (experiments/correlation.py)", "",
-        f"{args.images} held-out images; bottom level ({kwargs['num_codebooks']} codebooks of "
-        f"{kwargs['codebook_sizes'][-1]} codes); mean ± std over training seeds.", "",
+        f"{args.images} held-out images; bottom level ({net.quantizers[0].num_codebooks} codebooks of "
+        f"{net.quantizers[0].codebook_size} codes); mean ± std over training seeds.", "",
         "SMOKE RUN: synthetic images." if args.smoke else f"Data: {DATA_NOTE}.", "",
         markdown_table(["net", "seeds", *[t for _, t in keys]], rows), "",
         "![correlation heat maps](correlation_maps.png)",

@@ -25,6 +25,7 @@ an interrupted grid resumes. The summary is `dq_vs_vq.json`, `dq_vs_vq.md` and `
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -58,6 +59,7 @@ from lightning_dq.autoencoder import HierarchicalAutoEncoder, count_parameters  
 from lightning_dq.module import AutoEncoderModule  # noqa: E402
 
 SWEEP_M = (1, 2, 4, 8)
+DEFAULT_K = inspect.signature(HierarchicalAutoEncoder).parameters["codebook_sizes"].default
 
 
 @dataclass(frozen=True)
@@ -232,7 +234,7 @@ def summarize(results: list[dict[str, Any]], cfg: dict[str, Any]) -> tuple[dict[
     for m in SWEEP_M:
         cell = select(mode="dq", init=main_init, num_codebooks=m)
         if cell:
-            k = cell[0]["net_kwargs"]["codebook_sizes"][0]
+            k = cell[0]["net_kwargs"].get("codebook_sizes", DEFAULT_K)[0]
             sweep_rows.append(cell_row([str(m), str(cell[0]["spec"]["code_dim"]), str(k)], cell))
     first = results[0]
     budget = (f"{first['steps']} steps x {first['batch_size']} images per run, Adam lr {cfg['lr']}, fp32, gradient "

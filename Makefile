@@ -78,7 +78,7 @@ sample:  ## sample images from a trained prior (PRIOR_CKPT=path) into a PNG grid
 	$(PY) experiments/sample.py --checkpoint $(PRIOR_CKPT) $(ARGS)
 
 bench:  ## run the CPU benchmarks (ratios of interleaved runs) and rewrite their tables in docs/benchmarks.md
-	$(PY) benchmarks/train_step.py --docs docs/benchmarks.md && \
+	$(PY) benchmarks/train_step.py --parity-steps 10 --docs docs/benchmarks.md && \
 	$(PY) benchmarks/evaluation.py --docs docs/benchmarks.md && \
 	$(PY) benchmarks/profile_step.py --docs docs/benchmarks.md && \
 	$(PY) benchmarks/quantizer.py && $(PY) benchmarks/prior_sampling.py && $(PY) benchmarks/data_loading.py

@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import ctypes
 import io
+import math
 import statistics
 import sys
 import time
@@ -338,11 +339,12 @@ def run(args: argparse.Namespace) -> None:
     for resolution in args.resolution:
         rows = measure(args, resolution, device)
         for r in rows:
+            ratio = f"{r['ratio']:.2f}x" if math.isfinite(r["ratio"]) else "n/a"
             print(f"| {resolution}x{resolution} | {r['variant']} | {r['images_s']:.2f} | {1e3 / r['images_s']:.0f} "
-                  f"| {r['ratio']:.2f}x | {r['peak_mb']:.0f} | {r['flops'] / 1e9:.1f} | {r['achieved'] / 1e9:.1f} "
+                  f"| {ratio} | {r['peak_mb']:.0f} | {r['flops'] / 1e9:.1f} | {r['achieved'] / 1e9:.1f} "
                   f"| {r['achieved'] / r['mm_bf16']:.0%} | {r['achieved'] / r['mm_fp32']:.0%} "
                   f"| {r['compile_s']:.0f} |")  # fmt: skip
-            if resolution == 32 and r["variant"] == "default":
+            if resolution == 32 and r["variant"] == "default" and math.isfinite(r["ratio"]):
                 speedup = r["ratio"]
         mm = rows[0]
         print(f"| {resolution}x{resolution} | matmul {args.matmul_size}^2 | bf16 {mm['mm_bf16'] / 1e9:.1f} GFLOP/s "

@@ -298,11 +298,11 @@ def print_user_error(err: UserError) -> None:
 
 
 # -- `--help` ------------------------------------------------------------------------------------------------------
-def one_line_doc(cls: type) -> str:
-    """The first sentence of a class docstring's first paragraph, on one line."""
+def one_line_doc(cls: type, width: int = 100) -> str:
+    """The first sentence of a class docstring's first paragraph, on one line, cut at a word to `width` characters."""
     paragraph = (inspect.getdoc(cls) or "").split("\n\n")[0]
-    text = " ".join(paragraph.split())
-    return re.split(r"(?<=[.;:])\s+(?=[A-Z`])", text, maxsplit=1)[0].rstrip(".:")
+    text = re.split(r"(?<=\.)\s+(?=[A-Z`])", " ".join(paragraph.split()), maxsplit=1)[0].rstrip(".")
+    return text if len(text) <= width else text[: width - 3].rsplit(" ", 1)[0].rstrip(",;:") + "..."
 
 
 def describe_groups(parsers: Iterable) -> list[str]:
@@ -318,7 +318,7 @@ def describe_groups(parsers: Iterable) -> list[str]:
             group.title = f"{key} ({cls.__module__}.{cls.__name__}): {one_line_doc(cls)}"
             if not any(a.option_strings and a.option_strings[0] != f"--{key}" for a in group._group_actions):
                 group.description = "(no options)"  # argparse hides a group with neither options nor text
-            listing.setdefault(key, f"  --{key}.*  {cls.__name__}: {one_line_doc(cls)}")
+            listing.setdefault(key, f"  --{key + '.*':<22} {cls.__name__}: {one_line_doc(cls)}")
     return list(listing.values())
 
 

@@ -148,15 +148,16 @@ def test_wandb_logger_dir_exists_and_only_the_anonymous_warning_is_silenced(tmp_
 
 def test_one_line_doc_is_the_first_sentence_on_one_line():
     class Doc:
-        """Under DDP, verify at the end of every epoch that all ranks hold identical codebooks,
+        """Decides *when* codes restart; `Codebook` decides *how*: all ranks hold identical codebooks,
         and stop (e.g. a custom quantizer). More text.
 
         Args: ..."""
 
-    assert console.one_line_doc(Doc) == (
-        "Under DDP, verify at the end of every epoch that all ranks hold identical codebooks, and stop (e.g. a "
-        "custom quantizer)"
+    assert console.one_line_doc(Doc, width=200) == (
+        "Decides *when* codes restart; `Codebook` decides *how*: all ranks hold identical codebooks, and stop "
+        "(e.g. a custom quantizer)"
     )
+    assert console.one_line_doc(Doc, width=60) == "Decides *when* codes restart; `Codebook` decides *how*..."
 
 
 def test_help_lists_the_project_groups_with_their_one_line_docs(capsys):
@@ -173,7 +174,7 @@ def test_help_lists_the_project_groups_with_their_one_line_docs(capsys):
     main_help = capsys.readouterr().out
     assert "where to find every option:" in main_help
     for key, cls in [("codebook_reset", CodebookReset), ("resolution_schedule", ResolutionSchedule)]:
-        assert f"  --{key}.*  {cls.__name__}: {console.one_line_doc(cls)}\n" in main_help
+        assert re.search(rf"\n  --{key}\.\* +{cls.__name__}: {re.escape(console.one_line_doc(cls))}\n", main_help)
 
 
 def test_user_error_in_a_hook_is_one_line_on_stderr_with_exit_status_2(tmp_path, capsys):

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
 
 from lightning_dq.autoencoder import AutoEncoderOutput, HierarchicalAutoEncoder
-from lightning_dq.errors import CheckpointError
+from lightning_dq.errors import CheckpointError, ConfigError
 from lightning_dq.likelihood import bits_per_dim, head_reconstruct, head_sample, uniform_code_bits
 from lightning_dq.metrics import CodeUsage
 from lightning_dq.prior import CodePrior
@@ -158,7 +158,7 @@ class CodeModelModule(LightningModule):
             try:
                 self.code_net.check_resolution(resolution)
             except ValueError as err:
-                raise ValueError(f"data.init_args.resolution={resolution} does not fit the model: {err}") from None
+                raise ConfigError(f"data.init_args.resolution={resolution} does not fit the model: {err}") from None
 
     def setup(self, stage: str) -> None:
         self.check_resolution()
@@ -373,7 +373,7 @@ class PriorModule(CodeModelModule):
     def _require_autoencoder(self) -> None:
         if self.autoencoder is None:
             if self.trainer.state.fn != "fit":
-                stage = self.trainer.state.fn
+                stage = self.trainer.state.fn.value
                 raise CheckpointError(f"{stage} needs a trained prior: pass --ckpt_path=<prior checkpoint>")
             read_autoencoder(self.autoencoder_ckpt or "")  # raises, naming the missing file
 

@@ -51,8 +51,11 @@ def test_prior_configs_fit_and_test(name, tmp_path, autoencoder_ckpt):
     # debug first (synthetic data, CPU), then the prior config replaces the model
     layered = [*BASE, *DEBUG, "--config", str(CONFIGS / f"{name}.yaml")]
     extra = [f"--model.init_args.autoencoder_ckpt={autoencoder_ckpt}", "--model.init_args.prior.init_args.dim=32"]
-    for sub in ("fit", "test"):
-        main([sub, *layered, *run_args(tmp_path), *extra, "--trainer.fast_dev_run=1"])
+    one = ["--trainer.max_steps=1", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
+    main(["fit", *layered, *run_args(tmp_path), *extra, *one])
+    # a prior is evaluated from its checkpoint, which holds the auto-encoder too
+    main(["test", *layered, *run_args(tmp_path), *extra, *one, "--ckpt_path=last"])
+    assert (tmp_path / "evaluation.json").is_file()
 
 
 @pytest.mark.xdist_group("sockets")  # W&B talks to its service over a local socket
@@ -126,10 +129,11 @@ def test_resolution_schedule_switches_within_one_fit_and_survives_resume(tmp_pat
     assert _resolutions(tmp_path) == {0: {32}, 1: {32}, 2: {64}, 3: {64}, 4: {64}}
 
 
-def test_resolution_schedule_needs_dataloader_reload(tmp_path):
-    with pytest.raises(Exception, match="reload_dataloaders_every_n_epochs"):
+def test_resolution_schedule_needs_dataloader_reload(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # a config error: one message, no traceback, status 2
         main(["fit", *BASE, *DEBUG, *run_args(tmp_path), "--resolution_schedule.milestones={0: 32, 1: 64}",
-              "--trainer.reload_dataloaders_every_n_epochs=0"])  # fmt: skip
+              "--trainer.reload_dataloaders_every_n_epochs=0", "--checkpoint.monitor=val/loss_64px"])  # fmt: skip
+    assert exit_info.value.code == 2 and "reload_dataloaders_every_n_epochs" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -147,11 +151,12 @@ def test_bad_config_values_fail_before_training_naming_the_key(override, key, tm
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_resolution_not_divisible_by_model_downsampling_fails_before_training(tmp_path):
+def test_resolution_not_divisible_by_model_downsampling_fails_before_training(tmp_path, capsys):
     # synthetic data can serve 40 (stored at 40) but the model needs multiples of 16
-    with pytest.raises(ValueError, match="data.init_args.resolution=40"):
+    with pytest.raises(SystemExit):
         main(["fit", *BASE, *DEBUG, *run_args(tmp_path), "--data.init_args.resolution=40",
               "--data.init_args.native_resolution=40"])  # fmt: skip
+    assert "data.init_args.resolution=40 does not fit the model" in capsys.readouterr().err
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -76,13 +76,17 @@ def test_sample_script_writes_a_png_grid_and_an_offline_wandb_run(prior_run, tmp
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "grid.png"
+    runs_before = set((prior_run / "wandb").glob("offline-run-*"))
     sample = _experiment("sample").sample
     path = sample(str(prior_run / "checkpoints" / "last.ckpt"), num_images=4, out=str(out), wandb=True)
     assert path == out
     with Image.open(out) as image:  # 2x2 grid of 32x32 images with make_grid's 2-pixel padding
         assert image.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
         assert len(set(image.convert("L").getdata())) > 10  # decoded samples, not a blank image
-    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+    # the samples attach to the experiment's W&B run: same run id, in the run directory
+    new_runs = set((prior_run / "wandb").glob("offline-run-*")) - runs_before
+    run_id = (prior_run / "wandb_run_id").read_text().strip()
+    assert [r.name.rsplit("-", 1)[1] for r in new_runs] == [run_id]
 
 
 def test_likelihood_table_lists_our_run_next_to_published_numbers(prior_run, tmp_path):

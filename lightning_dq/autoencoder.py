@@ -16,7 +16,6 @@ No Lightning code here: the model runs in a notebook without a Trainer.
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
@@ -30,7 +29,9 @@ from lightning_dq.quantize import CodebookStats, DepthwiseQuantizer, QuantizerMo
 Head = Literal["mix", "categorical", "mse"]
 
 
-@functools.cache
+_NATIVE_BF16: dict[str, bool] = {}  # per device type; a plain dict, which torch.compile reads without warnings
+
+
 def _bf16_native(device_type: str) -> bool:
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
@@ -43,7 +44,17 @@ def bf16_is_native(device: torch.device | str) -> bool:
     """Whether `device` computes bf16 convolutions and matmuls in hardware (CUDA: compute capability 8.0+;
     CPU: AVX512-BF16 or AMX). Elsewhere bf16 is emulated: on an AVX2 CPU a bf16 convolution measured 6-50x
     slower than the same fp32 one (docs/benchmarks.md)."""
-    return _bf16_native(torch.device(device).type)
+    kind = torch.device(device).type
+    if kind not in _NATIVE_BF16:
+        _NATIVE_BF16[kind] = _bf16_native(kind)
+    return _NATIVE_BF16[kind]
+
+
+@torch.compiler.disable
+def _quantize_eager(quantizer: DepthwiseQuantizer, x: Tensor):
+    """Call a quantizer outside torch.compile: its codebook upkeep (data-dependent init, dead-code restarts
+    from a seeded generator, collectives) does not trace, and its maths is small next to the convolutions."""
+    return quantizer(x)
 
 
 @torch.compiler.disable
@@ -326,14 +337,16 @@ class HierarchicalAutoEncoder(nn.Module):
             inp = features[level]
             if above is not None:
                 inp = torch.cat([inp, self.conditioners[level](above)], dim=1)  # (B, 2C, h_l, w_l)
-            out = self.quantizers[level](inp)
+            out = _quantize_eager(self.quantizers[level], inp)
             outs.append(out)
             above = out.quantized  # (B, M*D, h_l, w_l)
         return outs
 
     def _decode_quantized(self, quantized: list[Tensor]) -> Tensor:
         """Quantized tensors per level (top first) -> head parameters (B, head_channels, H, W)."""
-        levels = reversed(range(self.num_levels))  # quantized is top first; module lists are bottom first
+        # quantized is top first; module lists are bottom first. A list: a `reversed` iterator lost its
+        # position across torch.compile's graph break at the `with` below (zip raised)
+        levels = list(reversed(range(self.num_levels)))
         with self._precision(quantized[0]):
             grids = [self.upsamplers[level](q) for level, q in zip(levels, quantized, strict=True)]
             return self.decoder(torch.cat(grids, dim=1))  # (B, C*L, H/s, W/s) -> (B, P, H, W)

@@ -34,9 +34,11 @@ def log_image(trainer: Trainer, key: str, grid: Tensor, path: Path) -> None:
 
 
 class ImageLogger(Callback):
-    """Every `every_n_epochs` validation epochs: originals vs reconstructions, per-level decodes (other
-    levels zeroed) and the codebook-usage histogram of the validation epoch; for a `PriorModule`, a grid of
-    samples from the prior instead.
+    """Image grids and code usage of a validation batch, every n-th epoch.
+
+    Originals vs reconstructions, per-level decodes (other levels zeroed) and the codebook-usage histogram
+    of the validation epoch (PNG, and a W&B histogram per level); for a `PriorModule`, a grid of samples
+    from the prior instead.
 
     Args:
         every_n_epochs: log every n-th validation epoch (0 disables).
@@ -118,7 +120,9 @@ def wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
 
 
 class MetricCurves(Callback):
-    """Draws `bpd_curve.png` in the run directory from the run's metric record (`RunRecord`, metrics.csv)
+    """The bits/dim curve PNG, W&B run-summary minima and the closing summary of a fit.
+
+    Draws `bpd_curve.png` in the run directory from the run's metric record (`RunRecord`, metrics.csv)
     after every validation epoch, one series per key (so per image size in a progressive run), tells W&B
     to keep the minimum of every bits/dim key in the run summary, and prints where the results are when a
     fit ends. Holds no state: the record is the history, and it survives resume."""

@@ -28,11 +28,15 @@ run() {  # run <seconds> <title> <command...>: one section of the report, cut at
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
     $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 
-    run 320 "Training step, README preset, batch 128 (fp32 / fast path / compiled)" \
+    run 140 "Training step, README preset, batch 128 (fp32 / channels_last / the default fast path)" \
         $PY benchmarks/train_step.py --device cuda --batch 128 --repeats 5 --resolution 32 64 \
-        --variants fp32 fp32-cl default compile --loader-batches 50
+        --variants fp32 fp32-cl default --loader-batches 50
 
-    run 50 "Quantizer: batched codebooks vs per-codebook loop (M=5, K=512, D=64, fp32)" $PY - <<'EOF'
+    run 200 "Training step, README preset, batch 128, 32x32: torch.compile (compile time in its own column)" \
+        $PY benchmarks/train_step.py --device cuda --batch 128 --repeats 5 --resolution 32 \
+        --variants fp32 default compile --loader-batches 0
+
+    run 40 "Quantizer: batched codebooks vs per-codebook loop (M=5, K=512, D=64, fp32)" $PY - <<'EOF'
 import statistics, sys, time
 import torch
 sys.path.insert(0, "benchmarks")
@@ -60,7 +64,7 @@ for n in (8192, 512, 128 * 8 * 8):  # the issue's size, the README preset's top 
     print(f"| {n} | {med['batched']:.3f} | {med['loop']:.3f} | {med['loop'] / med['batched']:.2f}x |")
 EOF
 
-    run 80 "Evaluation: two-pass reference vs one-pass (figures A, B, C)" \
+    run 60 "Evaluation: two-pass reference vs one-pass (figures A, B, C)" \
         $PY benchmarks/evaluation.py --device cuda --images 1024 --batch 128 --repeats 3
 } 2>&1 | tee "$OUT_FILE"
 echo "written: $OUT_FILE"

@@ -78,10 +78,15 @@ class RunSpec:
         return f"{self.mode}_{self.init}_M{self.num_codebooks}_seed{self.seed}"
 
 
+def main_codebooks(width: int) -> int:
+    """M of the main comparison for a quantizer output width M*D: 4 when it divides the width, else 1."""
+    return 4 if width % 4 == 0 else 1
+
+
 def grid(seeds: int, sweep_seeds: int, init: str, width: int) -> list[RunSpec]:
     """The runs, main first (each unique; the sweep's M = width // code_dim point is the main dq run)."""
     other = "default" if init == "kaiming" else "kaiming"
-    m_main = 4 if width % 4 == 0 else 1
+    m_main = main_codebooks(width)
     runs = [RunSpec("main", mode, init, m_main, width // m_main, s) for s in range(seeds) for mode in ("dq", "vq")]
     runs += [RunSpec("init", mode, other, m_main, width // m_main, s) for s in range(sweep_seeds)
              for mode in ("dq", "vq")]
@@ -209,7 +214,7 @@ def summarize(results: list[dict[str, Any]], cfg: dict[str, Any]) -> tuple[dict[
     def select(**sel: Any) -> list[dict[str, Any]]:
         return [r for r in results if all(r["spec"][k] == v for k, v in sel.items())]
 
-    main_init, m_main = cfg["init"], next(r["spec"]["num_codebooks"] for r in results if r["spec"]["group"] == "main")
+    main_init, m_main = cfg["init"], main_codebooks(cfg["width"])
     header = ["mode", "init", "seeds", "val A (bits/dim)", "val B (bits/dim)", "val MSE", "perplexity (top/mid/bottom)",
               "codes used (top/mid/bottom)"]  # fmt: skip
     inits = [main_init] + sorted({r["spec"]["init"] for r in results} - {main_init})
@@ -237,12 +242,13 @@ def summarize(results: list[dict[str, Any]], cfg: dict[str, Any]) -> tuple[dict[
             k = cell[0]["net_kwargs"].get("codebook_sizes", DEFAULT_K)[0]
             sweep_rows.append(cell_row([str(m), str(cell[0]["spec"]["code_dim"]), str(k)], cell))
     first = results[0]
+    ref = next((r for r in results if r["spec"]["num_codebooks"] == m_main), first)
     budget = (f"{first['steps']} steps x {first['batch_size']} images per run, Adam lr {cfg['lr']}, fp32, gradient "
               f"clip 2.0; validation on the same {first['val_images']} held-out images")  # fmt: skip
     md = [
         "# DQ vs VQ (experiments/dq_vs_vq.py)", "",
         f"Data: {first['data']}.", "", f"Note: {DATA_NOTE}." if not cfg["smoke"] else "SMOKE RUN: synthetic images.",
-        "", f"Budget: {budget}. Net: {first['parameters']:,} parameters (M={m_main}), "
+        "", f"Budget: {budget}. Net: {ref['parameters']:,} parameters ({ref['spec']['mode']}, M={m_main}), "
         f"{len(results)} runs. Values are mean ± std over seeds (sample std).", "",
         "## DQ vs VQ (same codebook memory M*K*D and decoder width M*D)", "", markdown_table(header, main_rows), "",
         "## Initialisation", "", markdown_table(header, init_rows) if init_rows else "(no runs)", "",
@@ -250,7 +256,7 @@ def summarize(results: list[dict[str, Any]], cfg: dict[str, Any]) -> tuple[dict[
         markdown_table(["difference", "n", "mean ± std", "per seed"],
                        [[k, d["n"], f"{d['mean']:+.4f} ± {d['std']:.4f}", ", ".join(f"{v:+.4f}" for v in d["per_seed"])]
                         for k, d in diffs.items()]), "",
-        f"## Number of codebooks M at fixed memory (dq, init {main_init}, M*D = {m_main * first['spec']['code_dim']})",
+        f"## Number of codebooks M at fixed memory (dq, init {main_init}, M*D = {cfg['width']})",
         "", markdown_table(["M", "D", "K", *header[2:]], sweep_rows), "",
         "B includes the uniform code cost, which grows with M (M log2 K bits per position).",
     ]  # fmt: skip
@@ -267,7 +273,7 @@ def plot_curves(results: list[dict[str, Any]], cfg: dict[str, Any], path: Path) 
     import matplotlib.pyplot as plt
 
     inits = [cfg["init"]] + sorted({r["spec"]["init"] for r in results} - {cfg["init"]})
-    m_main = next(r["spec"]["num_codebooks"] for r in results if r["spec"]["group"] == "main")
+    m_main = main_codebooks(cfg["width"])
     panels = [(f"init {i}: DQ vs VQ (M={m_main})", [(mode, dict(mode=mode, init=i, num_codebooks=m_main))
                                                     for mode in ("dq", "vq")]) for i in inits]  # fmt: skip
     panels.append((f"DQ, init {cfg['init']}: M at fixed memory",
@@ -344,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         net.update(channels=args.channels, res_blocks=args.res_blocks, res_channels=args.res_channels)
     cfg = dict(out=args.out, data_root=None if root is None else str(root), smoke=args.smoke, net=net, lr=lr,
                steps=args.steps, batch_size=args.batch_size, val_images=args.val_images, val_points=args.val_points,
-               threads=args.threads, init=args.init)  # fmt: skip
+               threads=args.threads, init=args.init, width=width)  # fmt: skip
     specs = grid(args.seeds, args.sweep_seeds, args.init, width)
     if args.only:
         specs = [s for s in specs if s.group in args.only]

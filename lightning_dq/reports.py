@@ -167,7 +167,7 @@ class MetricCurves(Callback):
                 lines.append(f"  checkpoint: {callback.last_model_path}")
         for logger in wandb_loggers(trainer):
             settings = getattr(logger.experiment, "settings", None)
-            if getattr(settings, "mode", None) == "offline":  # disabled runs have no settings
+            if getattr(settings, "mode", None) in ("offline", "dryrun"):  # disabled runs have no settings
                 lines.append(f"  W&B offline run {logger.experiment.id}: `wandb sync --id {logger.experiment.id} "
                              f"{root / 'wandb'}/offline-run-*` uploads it")  # fmt: skip
         print("\n".join(lines))

@@ -23,6 +23,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lightning_dq.errors import ConfigError
 from lightning_dq.likelihood import head_channels, head_nll
 from lightning_dq.quantize import CodebookStats, DepthwiseQuantizer, QuantizerMode
 
@@ -212,13 +213,13 @@ class HierarchicalAutoEncoder(nn.Module):
         self.config["codebook_sizes"] = list(codebook_sizes)
         for name, value in [("channels", channels), ("coder_blocks", coder_blocks), ("res_channels", res_channels)]:
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
+                raise ConfigError(f"{name} must be an integer >= 1, got {name}={value!r}")
         if channels % 2:
-            raise ValueError(f"channels must be even (encoders use channels // 2), got channels={channels}")
+            raise ConfigError(f"channels must be even (encoders use channels // 2), got channels={channels}")
         if stride not in (2, 4):
-            raise ValueError(f"stride must be 2 or 4, got stride={stride!r}")
+            raise ConfigError(f"stride must be 2 or 4, got stride={stride!r}")
         if len(codebook_sizes) < 1:
-            raise ValueError("codebook_sizes needs at least one level, got an empty list")
+            raise ConfigError("codebook_sizes needs at least one level, got an empty list")
         self.codebook_sizes = list(codebook_sizes)
         self.num_levels = len(self.codebook_sizes)
         self.stride, self.coder_blocks, self.head, self.num_mixtures = stride, coder_blocks, head, num_mixtures
@@ -249,7 +250,7 @@ class HierarchicalAutoEncoder(nn.Module):
         if init == "kaiming":
             self._kaiming_init()
         elif init != "default":
-            raise ValueError(f"init must be 'default' or 'kaiming', got init={init!r}")
+            raise ConfigError(f"init must be 'default' or 'kaiming', got init={init!r}")
 
     def _kaiming_init(self) -> None:
         """He-normal weights for the ReLU convolutions (variance-preserving), zero biases, and a zero last
@@ -287,7 +288,7 @@ class HierarchicalAutoEncoder(nn.Module):
         """Raise ValueError unless images of side `resolution` give an integer grid at every level."""
         factor = self.downsample * 2 ** (self.num_levels - 1)
         if resolution < factor or resolution % factor:
-            raise ValueError(
+            raise ConfigError(
                 f"resolution={resolution} is not a multiple of {factor}, the model's total down-sampling "
                 f"(stride {self.stride} x 2^{self.coder_blocks - 1} coder blocks x 2^{self.num_levels - 1} levels)"
             )

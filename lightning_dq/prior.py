@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_dq.errors import ConfigError
+
 Cache = tuple[Tensor, Tensor]  # keys, values of one block, (B, heads, T_max, dim // heads) each
 
 
@@ -107,17 +109,17 @@ class CodePrior(nn.Module):
         super().__init__()
         sizes_ok = isinstance(codebook_sizes, Sequence) and len(codebook_sizes) >= 1
         if not sizes_ok or any(not isinstance(k, int) or k < 2 for k in codebook_sizes):
-            raise ValueError(f"codebook_sizes must be a non-empty list of integers >= 2, "
+            raise ConfigError(f"codebook_sizes must be a non-empty list of integers >= 2, "
                              f"got {codebook_sizes!r}")  # fmt: skip
         ints = dict(num_codebooks=num_codebooks, downsample=downsample, dim=dim, depth=depth, heads=heads,
                     max_grid=max_grid)  # fmt: skip
         for name, value in ints.items():
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
+                raise ConfigError(f"{name} must be an integer >= 1, got {name}={value!r}")
         if dim % heads:
-            raise ValueError(f"heads must divide dim, got dim={dim}, heads={heads}")
+            raise ConfigError(f"heads must divide dim, got dim={dim}, heads={heads}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got dropout={dropout!r}")
+            raise ConfigError(f"dropout must be in [0, 1), got dropout={dropout!r}")
         self.codebook_sizes, self.num_levels = list(codebook_sizes), len(codebook_sizes)
         self.num_codebooks, self.downsample, self.dim, self.num_heads = num_codebooks, downsample, dim, heads
         self.max_grid, sizes, m = max_grid, self.codebook_sizes, num_codebooks

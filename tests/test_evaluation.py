@@ -96,5 +96,6 @@ def test_likelihood_table_lists_our_run_next_to_published_numbers(prior_run, tmp
     figures = json.loads((prior_run / "evaluation.json").read_text())["figures"]
     assert f"| {figures['C bpd_prior']:.3f} |" in text
     assert "VDVAE" in text and "[SECONDARY]" in text
+    assert "arXiv:2203.08080" in text and "shared/docs" not in text  # primary sources, nothing outside the repo
     with pytest.raises(FileNotFoundError, match="evaluation.json"):
         _experiment("likelihood_table").main([str(tmp_path / "missing")], out=str(out))

@@ -22,6 +22,17 @@ def pytest_configure(config) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Every test starts from the environment the session started with: a test that runs DDP in-process
+    (Lightning sets LOCAL_RANK, WORLD_SIZE, MASTER_PORT, ... there) must not make a later test's subprocess
+    believe it is already one rank of a launched job (it would wait for peers that never come)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def free_port() -> Callable[[], int]:
     """A function returning a free TCP port for a `torch.distributed` rendezvous.

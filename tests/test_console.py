@@ -129,8 +129,13 @@ def test_pytree_deprecation_from_lightning_is_filtered_and_other_future_warnings
 
 
 @pytest.mark.xdist_group("sockets")  # W&B
-def test_wandb_logger_dir_exists_and_only_the_anonymous_warning_is_silenced(tmp_path, capfd):
+def test_wandb_logger_dir_exists_and_only_the_anonymous_warning_is_silenced(tmp_path, capfd, monkeypatch):
     import wandb
+    from wandb.errors import term
+
+    # an earlier W&B run in this process (WANDB_SILENT=true) leaves W&B's terminal output silenced globally
+    monkeypatch.setattr(term, "_silent", False)
+    monkeypatch.setattr(term, "_show_warnings", True)
     from lightning.pytorch.loggers import WandbLogger
     from wandb.sdk.lib.gitlib import GitRepo
     from wandb.sdk.wandb_settings import Settings

@@ -7,6 +7,7 @@ script still runs as `python experiments/<name>.py` and loads with importlib in 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from collections.abc import Sequence
@@ -103,6 +104,19 @@ def demo_settings() -> tuple[dict[str, Any], float]:
         return dict(model["net"]["init_args"]), float(model["optimizer"]["init_args"]["lr"])
     except KeyError as err:
         raise ConfigError(f"configs/demo.yaml lacks model.init_args.net/optimizer key {err}") from None
+
+
+def trained_nets_parser(doc: str, smoke_help: str) -> argparse.ArgumentParser:
+    """The arguments of every analysis of the nets `experiments/dq_vs_vq.py` trained: data, where the runs
+    are, which init, the output folder and the smoke switch."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--data-root", default=None, help="folder containing cifar-10-batches-py "
+                   "(default ../shared/data/cifar10-jpeg75 next to the repository)")  # fmt: skip
+    p.add_argument("--runs", default="runs/exp/dq_vs_vq/runs", help="the runs/ folder of experiments/dq_vs_vq.py")
+    p.add_argument("--init", choices=["default", "kaiming"], default="kaiming", help="init of the trained nets to use")
+    p.add_argument("--out", required=True)
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+    return p
 
 
 def resolve_data_root(data_root: str | None, smoke: bool) -> Path | None:

@@ -41,6 +41,7 @@ from common import (  # noqa: E402
     markdown_table,
     mean_abs_off_diagonal,
     resolve_data_root,
+    trained_nets_parser,
     validation_images,
     write_outputs,
 )
@@ -154,15 +155,9 @@ def plot_maps(maps: dict[str, dict[str, Tensor]], path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default=None, help="folder containing cifar-10-batches-py "
-                   "(default ../shared/data/cifar10-jpeg75 next to the repository)")  # fmt: skip
-    p.add_argument("--runs", default="runs/exp/dq_vs_vq/runs", help="the runs/ folder of experiments/dq_vs_vq.py")
-    p.add_argument("--init", choices=["default", "kaiming"], default="kaiming", help="init of the trained nets to use")
+    p = trained_nets_parser(__doc__, smoke_help="synthetic 16x16 images (the nets must be smoke nets)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds to analyse (mean ± std over them)")
     p.add_argument("--images", type=int, default=1000, help="held-out images")
-    p.add_argument("--out", required=True)
-    p.add_argument("--smoke", action="store_true", help="synthetic 16x16 images (the nets must be smoke nets)")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.images < 2:
         p.error(f"--seeds must be >= 1 and --images >= 2, got {args.seeds} and {args.images}")

@@ -21,7 +21,15 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA_NOTE, load_net, markdown_table, resolve_data_root, validation_images, write_outputs  # noqa: E402
+from common import (  # noqa: E402
+    DATA_NOTE,
+    load_net,
+    markdown_table,
+    resolve_data_root,
+    trained_nets_parser,
+    validation_images,
+    write_outputs,
+)
 
 from lightning_dq.autoencoder import HierarchicalAutoEncoder  # noqa: E402
 from lightning_dq.likelihood import head_reconstruct  # noqa: E402
@@ -65,16 +73,10 @@ def plot_grid(panels: dict[str, tuple[Tensor, dict[str, Tensor]]], path: Path, s
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default=None, help="folder containing cifar-10-batches-py "
-                   "(default ../shared/data/cifar10-jpeg75 next to the repository)")  # fmt: skip
-    p.add_argument("--runs", default="runs/exp/dq_vs_vq/runs", help="the runs/ folder of experiments/dq_vs_vq.py")
-    p.add_argument("--init", choices=["default", "kaiming"], default="kaiming", help="init of the trained nets to use")
+    p = trained_nets_parser(__doc__, smoke_help="synthetic 16x16 images (the nets must be smoke nets)")
     p.add_argument("--seed", type=int, default=0, help="training seed of the nets to show")
     p.add_argument("--images", type=int, default=256, help="held-out images of the MSE table")
     p.add_argument("--show", type=int, default=8, help="images per row of the grid")
-    p.add_argument("--out", required=True)
-    p.add_argument("--smoke", action="store_true", help="synthetic 16x16 images (the nets must be smoke nets)")
     args = p.parse_args(argv)
     if args.images < 1 or args.show < 1:
         p.error(f"--images and --show must be >= 1, got {args.images} and {args.show}")

@@ -45,6 +45,7 @@ from common import (  # noqa: E402
     resolve_data_root,
     smoke_net_kwargs,
     train_images,
+    trained_nets_parser,
     validation_images,
     write_outputs,
 )
@@ -168,19 +169,13 @@ def plot_bars(results: dict[str, Any], path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default=None, help="folder containing cifar-10-batches-py "
-                   "(default ../shared/data/cifar10-jpeg75 next to the repository)")  # fmt: skip
-    p.add_argument("--runs", default="runs/exp/dq_vs_vq/runs", help="the runs/ folder of experiments/dq_vs_vq.py")
-    p.add_argument("--init", choices=["default", "kaiming"], default="kaiming", help="init of the trained nets to use")
+    p = trained_nets_parser(__doc__, smoke_help="random nets, synthetic 16x16 images")
     p.add_argument("--seeds", type=int, default=1, help="training seeds of the trained nets to analyse")
-    p.add_argument("--out", required=True)
     p.add_argument("--num-codebooks", type=int, default=4, help="M, codebooks of each split")
     p.add_argument("--codebook-size", type=int, default=32, help="K, codes per codebook")
     p.add_argument("--train-images", type=int, default=1000, help="images whose features fit the codebooks")
     p.add_argument("--val-images", type=int, default=500, help="held-out images the figures are measured on")
     p.add_argument("--restarts", type=int, default=2, help="k-means seeds per split")
-    p.add_argument("--smoke", action="store_true", help="random nets, synthetic 16x16 images")
     args = p.parse_args(argv)
     for name in ("seeds", "num_codebooks", "codebook_size", "train_images", "val_images", "restarts"):
         if getattr(args, name) < 1:

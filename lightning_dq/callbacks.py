@@ -129,7 +129,10 @@ class ResolutionSchedule(Callback):
         return {"milestones": self.milestones}
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
-        self._checkpoint_epoch = checkpoint.get("epoch")
+        # validate/test: the size of the checkpoint's epoch. Lightning restores before it builds the
+        # evaluation dataloaders, so the loaders already serve that size.
+        if self.milestones and trainer.state.fn != "fit" and checkpoint.get("epoch") is not None:
+            trainer.datamodule.resolution = self.resolution_at(checkpoint["epoch"])
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = {int(e): int(r) for e, r in state_dict.get("milestones", {}).items()}
@@ -140,7 +143,6 @@ class ResolutionSchedule(Callback):
             )
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._checkpoint_epoch = None
         if not self.milestones:
             return
         datamodule = trainer.datamodule
@@ -170,7 +172,7 @@ class ResolutionSchedule(Callback):
         pl_module.size_in_keys = stage == "fit" and len(sizes) > 1
         if stage == "fit":
             datamodule.resolution_for_epoch = self.resolution_at
-        else:  # validate/test/predict: the size of the checkpoint's epoch (on_*_start), else the final size
+        else:  # validate/test/predict: the final size, or the checkpoint's epoch's size (on_load_checkpoint)
             datamodule.resolution_for_epoch = None
             datamodule.resolution = self.milestones[max(self.milestones)]
 
@@ -183,17 +185,6 @@ class ResolutionSchedule(Callback):
                     f"checkpoint.monitor={monitor!r} would rank epochs trained at different sizes against each "
                     f"other: monitor a key of the final size, e.g. --checkpoint.monitor=val/loss_{final}px"
                 )
-
-    def _use_checkpoint_size(self, trainer: Trainer) -> None:
-        if self.milestones and self._checkpoint_epoch is not None:
-            trainer.datamodule.resolution = self.resolution_at(self._checkpoint_epoch)
-
-    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn != "fit":
-            self._use_checkpoint_size(trainer)
-
-    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._use_checkpoint_size(trainer)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.probe_largest and len(self.sizes) > 1 and hasattr(pl_module, "net"):

@@ -57,13 +57,15 @@ def test_progressive_fit_names_sizes_ranks_final_size_and_evaluates_at_checkpoin
     assert (tmp_path / "bpd_curve.png").is_file()
     # test on the final checkpoint: 64px; on a mid-schedule checkpoint (epoch 0): its own size, 32px
     fit(tmp_path, *PROGRESSIVE, "--ckpt_path=last", "--trainer.limit_test_batches=1", sub="test")
-    assert json.loads((tmp_path / "evaluation.json").read_text())["resolution"] == 64
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert report["resolution"] == report["all_metrics"]["test/resolution"] == 64  # the batches' size, too
     shutil.copy(tmp_path / "checkpoints" / "last.ckpt", tmp_path / "e2.ckpt")
     epoch0 = torch.load(tmp_path / "e2.ckpt", weights_only=False)
     epoch0["epoch"] = 0  # the same weights, labelled as saved at the end of epoch 0
     torch.save(epoch0, tmp_path / "e0.ckpt")
     fit(tmp_path, *PROGRESSIVE, f"--ckpt_path={tmp_path / 'e0.ckpt'}", "--trainer.limit_test_batches=1", sub="test")
-    assert json.loads((tmp_path / "evaluation.json").read_text())["resolution"] == 32
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert report["resolution"] == report["all_metrics"]["test/resolution"] == 32
 
 
 def user_error(capsys, *args, **kwargs) -> str:

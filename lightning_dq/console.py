@@ -262,6 +262,9 @@ def install_filters() -> None:
     # torch 2.14 deprecates `LeafSpec`; Lightning's own pytree helper (combined data loaders) still builds one
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")  # fmt: skip
+    # mixed precision keeps fp32 parameters, so the summary's 32-bit size estimate is exact, not "inaccurate"
+    warnings.filterwarnings("ignore", message=r"Precision (bf16|16)-mixed is not supported by the model summary",
+                            category=UserWarning)  # fmt: skip
 
 
 def _silence_wandb_anonymous() -> None:

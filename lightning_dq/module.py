@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
 
 from lightning_dq.autoencoder import AutoEncoderOutput, HierarchicalAutoEncoder
+from lightning_dq.checkpoints import load_checkpoint_file
 from lightning_dq.errors import CheckpointError, ConfigError
 from lightning_dq.likelihood import bits_per_dim, head_reconstruct, head_sample, uniform_code_bits
 from lightning_dq.metrics import CodeUsage
@@ -82,10 +83,7 @@ def read_autoencoder(path: str | Path) -> tuple[HierarchicalAutoEncoder, dict]:
             f"auto-encoder checkpoint {str(path)!r} does not exist; train one first (`make demo`, "
             f"`make train-cifar10`) or set model.init_args.autoencoder_ckpt"
         )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"cannot read auto-encoder checkpoint {str(path)!r}: {err}") from None
+    checkpoint = load_checkpoint_file(path)  # weights_only; a truncated or corrupt file is a CheckpointError
     if "net_config" not in checkpoint:
         raise CheckpointError(f"{str(path)!r} is not an AutoEncoderModule checkpoint of this version "
                               f"(no 'net_config' entry)")  # fmt: skip

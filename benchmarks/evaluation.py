@@ -35,27 +35,19 @@ import torch
 from torch import Tensor
 
 from lightning_dq.autoencoder import HierarchicalAutoEncoder, bf16_is_native
-from lightning_dq.data import ImageDataModule
 from lightning_dq.likelihood import bits_per_dim, uniform_code_bits
 from lightning_dq.module import AutoEncoderModule
 from lightning_dq.prior import CodePrior
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import DATA_ROOT, NETS, run_with_docs, sync  # noqa: E402
+from train_step import NETS, data_module, run_with_docs, sync  # noqa: E402
 
 PRIORS = {"readme": dict(dim=256, depth=4, heads=4), "demo": dict(dim=64, depth=2, heads=4)}  # as the configs
 
 
 def test_images(count: int, resolution: int) -> tuple[Tensor, str]:
     """The first `count` test images (count, 3, r, r) uint8 and a description of where they come from."""
-    if (DATA_ROOT / "cifar-10-batches-py").is_dir():
-        dm = ImageDataModule("cifar10", root=str(DATA_ROOT), batch_size=count, num_workers=0, resolution=resolution)
-    else:
-        dm = ImageDataModule("synthetic", batch_size=count, num_workers=0, resolution=resolution,
-                             synthetic_test=count)  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the JPEG copy's "not the official md5" warning
-        dm.setup("test")
+    dm = data_module(count, resolution, count, stage="test")
     return next(iter(dm.test_dataloader()))[:count], dm.data_description
 
 

@@ -228,17 +228,17 @@ def matmul_flops(dtype: torch.dtype, size: int, device: torch.device) -> float:
     return 2 * size**3 / best
 
 
-def data_module(batch: int, resolution: int, synthetic: int) -> ImageDataModule:
-    """ImageDataModule (0 workers, as configs/cifar10.yaml) set up for fit: CIFAR-10 from
-    ../shared/data/cifar10-jpeg75 when present, else `synthetic` synthetic images."""
+def data_module(batch: int, resolution: int, synthetic: int, stage: str = "fit") -> ImageDataModule:
+    """ImageDataModule (0 workers, as configs/cifar10.yaml) set up for `stage` ("fit" or "test"): CIFAR-10
+    from ../shared/data/cifar10-jpeg75 when present, else `synthetic` synthetic images in that split."""
     if (DATA_ROOT / "cifar-10-batches-py").is_dir():
         dm = ImageDataModule("cifar10", root=str(DATA_ROOT), batch_size=batch, num_workers=0, resolution=resolution)
     else:
-        dm = ImageDataModule("synthetic", batch_size=batch, num_workers=0, resolution=resolution,
-                             synthetic_train=synthetic)  # fmt: skip
+        count = {"synthetic_train" if stage == "fit" else "synthetic_test": synthetic}
+        dm = ImageDataModule("synthetic", batch_size=batch, num_workers=0, resolution=resolution, **count)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the JPEG copy's "not the official md5" warning
-        dm.setup("fit")
+        dm.setup(stage)
     return dm
 
 

@@ -48,10 +48,10 @@ debug:  ## a seconds-long smoke run on synthetic data
 
 .PHONY: prepare-imagenet32 prepare-imagenet64
 prepare-imagenet32:  ## convert ImageNet-32 npz files under DATA_ROOT to the memory-mapped cache (once; CACHE_DIR= optional)
-	$(PY) -m lightning_dq.prepare --dataset imagenet32 --root $(or $(DATA_ROOT),data/) $(if $(CACHE_DIR),--cache_dir $(CACHE_DIR),)
+	$(CLI) prepare --dataset imagenet32 --root $(or $(DATA_ROOT),data/) $(if $(CACHE_DIR),--cache_dir $(CACHE_DIR),)
 
 prepare-imagenet64:  ## the same for ImageNet-64 (about 16 GB written): run it before any multi-GPU training
-	$(PY) -m lightning_dq.prepare --dataset imagenet64 --root $(or $(DATA_ROOT),data/) $(if $(CACHE_DIR),--cache_dir $(CACHE_DIR),)
+	$(CLI) prepare --dataset imagenet64 --root $(or $(DATA_ROOT),data/) $(if $(CACHE_DIR),--cache_dir $(CACHE_DIR),)
 
 train-cifar10:  ## train the auto-encoder on CIFAR-10 (GPUS=N for DDP, ARGS= for overrides)
 	$(CLI) fit $(BASE) --config configs/cifar10.yaml $(DDP) $(ROOT) $(ARGS)

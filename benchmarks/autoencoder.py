@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from lightning_dq.autoencoder import HierarchicalAutoEncoder, count_parameters
+from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder, count_parameters
 
 NETS = {
     "README preset": dict(channels=256, res_blocks=3, res_channels=256, code_dim=64),

@@ -34,10 +34,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lightning_dq.autoencoder import HierarchicalAutoEncoder, bf16_is_native
-from lightning_dq.likelihood import bits_per_dim, uniform_code_bits
-from lightning_dq.module import AutoEncoderModule
-from lightning_dq.prior import CodePrior
+from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder
+from lightning_dq.autoencoder import bf16_is_native
+from lightning_dq.nn.figures import bits_per_dim, uniform_code_bits
+from lightning_dq.training.modules import AutoEncoderModule
+from lightning_dq.nn.prior import CodePrior
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import NETS, data_module, run_with_docs, sync  # noqa: E402

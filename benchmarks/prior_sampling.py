@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from lightning_dq.prior import CodePrior
+from lightning_dq.nn.prior import CodePrior
 
 
 def seconds(prior: CodePrior, batch: int, resolution: int, tokens: int, use_cache: bool) -> float:

@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lightning_dq.quantize import Codebook
+from lightning_dq.nn.codebook import Codebook
 
 M, K, D, N = 5, 512, 64, 8192
 

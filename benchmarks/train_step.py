@@ -46,9 +46,10 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_dq.autoencoder import HierarchicalAutoEncoder, bf16_is_native, count_parameters
+from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder, count_parameters
+from lightning_dq.autoencoder import bf16_is_native
 from lightning_dq.data import ImageDataModule
-from lightning_dq.module import AutoEncoderModule
+from lightning_dq.training.modules import AutoEncoderModule
 
 NETS = {  # README preset = configs/base.yaml's model; demo = configs/demo.yaml's net
     "readme": dict(channels=256, res_blocks=3, res_channels=256, coder_blocks=2, code_dim=64, num_codebooks=5),

@@ -18,7 +18,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from lightning_dq.autoencoder import HierarchicalAutoEncoder
+from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder
 from lightning_dq.data import ImageDataModule
 from lightning_dq.errors import CheckpointError, ConfigError, DataNotFoundError
 

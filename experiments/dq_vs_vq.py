@@ -55,7 +55,8 @@ from common import (  # noqa: E402
     write_outputs,
 )
 
-from lightning_dq.autoencoder import HierarchicalAutoEncoder, count_parameters  # noqa: E402
+from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder
+from lightning_dq.autoencoder import count_parameters  # noqa: E402
 from lightning_dq.module import AutoEncoderModule  # noqa: E402
 
 SWEEP_M = (1, 2, 4, 8)

@@ -15,8 +15,8 @@ import torch
 from jsonargparse import CLI
 from torchvision.utils import make_grid, save_image
 
-from lightning_dq.cli import RUN_ID_FILE
-from lightning_dq.module import PriorModule
+from lightning_dq.reporting.wandb import RUN_ID_FILE
+from lightning_dq.training.modules import PriorModule
 
 
 def sample(

@@ -51,7 +51,8 @@ from common import (  # noqa: E402
 )
 
 from lightning_dq.autoencoder import HierarchicalAutoEncoder  # noqa: E402
-from lightning_dq.quantize import Codebook, kmeans_plus_plus  # noqa: E402
+from lightning_dq.nn.codebook import Codebook
+from lightning_dq.quantize import kmeans_plus_plus  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # the two splits and k-means

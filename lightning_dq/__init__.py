@@ -1,14 +1,8 @@
 """lightning-dq: Depthwise Quantization (Fostiropoulos & Boehm, CVPR 2022) as a PyTorch Lightning framework.
 
-The public API, one import away (`from lightning_dq import DepthwiseQuantizer`):
-
-- `DepthwiseQuantizer`, `Codebook`: the quantizer, a drop-in `nn.Module` (lightning_dq.quantize).
-- `HierarchicalAutoEncoder`: the hierarchical DQ auto-encoder (lightning_dq.autoencoder).
-- `CodePrior`: the autoregressive prior over its codes (lightning_dq.prior).
-- `AutoEncoderModule`, `PriorModule`: their LightningModules (lightning_dq.module).
-- `ImageDataModule`: CIFAR-10, ImageNet-32/64 and image folders as uint8 batches (lightning_dq.data).
-
-Names are imported on first use (PEP 562), so the networks load without importing Lightning.
+The public API, one import away (`from lightning_dq import DepthwiseQuantizer`); the layers and which file owns
+which concept: docs/architecture.md. Names are imported on first use (PEP 562), so the networks load without
+importing Lightning.
 """
 
 from __future__ import annotations
@@ -20,31 +14,25 @@ from typing import TYPE_CHECKING
 __version__ = version("lightning-dq")
 
 _EXPORTS = {
-    "DepthwiseQuantizer": "lightning_dq.quantize",
-    "Codebook": "lightning_dq.quantize",
-    "HierarchicalAutoEncoder": "lightning_dq.autoencoder",
-    "CodePrior": "lightning_dq.prior",
-    "AutoEncoderModule": "lightning_dq.module",
-    "PriorModule": "lightning_dq.module",
-    "ImageDataModule": "lightning_dq.data",
+    "DepthwiseQuantizer": "lightning_dq.nn.quantizer",
+    "Codebook": "lightning_dq.nn.codebook",
+    "CodeGeometry": "lightning_dq.nn.codes",
+    "HierarchicalAutoEncoder": "lightning_dq.nn.autoencoder",
+    "CodePrior": "lightning_dq.nn.prior",
+    "AutoEncoderModule": "lightning_dq.training.modules",
+    "PriorModule": "lightning_dq.training.modules",
+    "ImageDataModule": "lightning_dq.data.datamodule",
 }
-__all__ = [
-    "DepthwiseQuantizer",
-    "Codebook",
-    "HierarchicalAutoEncoder",
-    "CodePrior",
-    "AutoEncoderModule",
-    "PriorModule",
-    "ImageDataModule",
-    "__version__",
-]
+__all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
-    from lightning_dq.autoencoder import HierarchicalAutoEncoder
-    from lightning_dq.data import ImageDataModule
-    from lightning_dq.module import AutoEncoderModule, PriorModule
-    from lightning_dq.prior import CodePrior
-    from lightning_dq.quantize import Codebook, DepthwiseQuantizer
+    from lightning_dq.data.datamodule import ImageDataModule
+    from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder
+    from lightning_dq.nn.codebook import Codebook
+    from lightning_dq.nn.codes import CodeGeometry
+    from lightning_dq.nn.prior import CodePrior
+    from lightning_dq.nn.quantizer import DepthwiseQuantizer
+    from lightning_dq.training.modules import AutoEncoderModule, PriorModule
 
 
 def __getattr__(name: str):

@@ -1,145 +1,170 @@
-"""The `lightning-dq` command: LightningCLI with layered YAML configs and `--key=value` overrides.
+"""The `lightning-dq` command: LightningCLI with layered YAML configs and `--key=value` overrides, plus the
+project's own commands.
 
     lightning-dq fit --config configs/base.yaml --config configs/cifar10.yaml [--trainer.max_epochs=10]
-    lightning-dq fit --config configs/base.yaml --config configs/imagenet64.yaml --config configs/ddp.yaml
     lightning-dq fit ... --ckpt_path last        # resume the run in trainer.default_root_dir
     lightning-dq test --config configs/base.yaml --config configs/prior_cifar10.yaml --ckpt_path <prior.ckpt>
-    lightning-dq fit --config configs/base.yaml --print_config
+    lightning-dq prepare --dataset imagenet64 --root /data/imagenet64   # the ImageNet cache, once
 
-Configs are parsed in jsonargparse's `omegaconf+` mode: `${trainer.default_root_dir}/checkpoints` in one
-file resolves against the merged config, command-line overrides included, so the saved `config.yaml`
-shows where every file went. Tests and `experiments/` call `main([...])` (or `build_cli([...])` to get
-the trainer and model back), the same code path as `make train-imagenet64`.
+Configs are parsed in jsonargparse's `omegaconf+` mode: `${trainer.default_root_dir}/checkpoints` resolves against
+the merged config, overrides included, so the saved `config.yaml` shows where every file went, which precision
+ran, and which key ranked the checkpoints. An expected error (a `UserError`) is one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
+import argparse
+import inspect
+import re
+import sys
 from pathlib import Path
+from typing import Any
 
-from jsonargparse import set_parsing_settings
+import numpy as np
+from jsonargparse import DefaultHelpFormatter, set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_dq import console
-from lightning_dq.callbacks import CodebookReset, CodebookSyncCheck, ResolutionSchedule, RunCheckpoint
-from lightning_dq.checkpoints import ResumeCheckpoint, load_checkpoint_file, validate_ckpt_path
-from lightning_dq.faults import NonFiniteGuard
-from lightning_dq.reports import EvaluationReport, ImageLogger, MetricCurves
+from lightning_dq.errors import UserError
+from lightning_dq.reporting.curves import MetricCurves
+from lightning_dq.reporting.evaluation import EvaluationReport
+from lightning_dq.reporting.filters import install_filters
+from lightning_dq.reporting.images import ImageLogger
+from lightning_dq.reporting.progress import PlainProgressBar, stdout_is_terminal
+from lightning_dq.reporting.summary import ModelSize
+from lightning_dq.reporting.wandb import fill_identity, prepare_wandb
+from lightning_dq.training.callbacks import CodebookReset, CodebookSyncCheck, NonFiniteGuard
+from lightning_dq.training.checkpoints import ResumeCheckpoint, RunCheckpoint, load_checkpoint_file, validate_ckpt_path
+from lightning_dq.training.precision import resolve_precision
+from lightning_dq.training.resolution import ResolutionSchedule
 
-RUN_ID_FILE = "wandb_run_id"
+GROUPS = {  # the project's callbacks as top-level config groups: they merge key by key across --config files
+    "checkpoint": RunCheckpoint,
+    "resume": ResumeCheckpoint,
+    "non_finite_guard": NonFiniteGuard,
+    "codebook_reset": CodebookReset,
+    "codebook_sync_check": CodebookSyncCheck,
+    "resolution_schedule": ResolutionSchedule,
+    "image_logger": ImageLogger,
+    "metric_curves": MetricCurves,
+    "evaluation_report": EvaluationReport,
+}
+MAIN_EPILOG = """\
+where to find every option:
+  lightning-dq fit --help                 all groups, every key with its type, default and doc
+  lightning-dq fit --print_config ...     the merged config of your --config files, ready to edit
+  lightning-dq fit --model.help lightning_dq.training.modules.AutoEncoderModule   a model class's options
+  lightning-dq fit --data.help lightning_dq.data.ImageDataModule                 the data options
+  lightning-dq prepare --help             convert downsampled ImageNet's npz files to the memory-mapped cache
+  groups: trainer (Lightning Trainer), model, data, and the project's own:
+"""
+
+
+def one_line_doc(cls: type, width: int = 100) -> str:
+    """The first sentence of a class docstring's first paragraph on one line, cut at a word to `width` characters."""
+    paragraph = " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())
+    text = re.split(r"(?<=\.)\s+(?=[A-Z`])", paragraph, maxsplit=1)[0].rstrip(".")
+    return text if len(text) <= width else text[: width - 3].rsplit(" ", 1)[0].rstrip(",;:") + "..."
+
+
+class HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's formatter, keeping the line breaks of descriptions and epilogs (the group listing)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
 
 
 class SaveConfigToRun(SaveConfigCallback):
-    """Writes the resolved config into the run directory and sends it to the loggers (W&B config)."""
+    """Writes the resolved config into the run directory and sends it to the loggers (the W&B run's config)."""
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": self.config.as_dict()})
 
 
-def wandb_run_id(root: Path, new: bool) -> str:
-    """The W&B run id of the experiment in run directory `root`, kept in `root/wandb_run_id`: a new one
-    for a fresh fit (written by rank 0), the stored one for a resume, `test`, `validate` and sampling."""
-    path = root / RUN_ID_FILE
-    if path.is_file() and (not new or rank_zero_only.rank != 0):  # other ranks read what rank 0 wrote
-        return path.read_text().strip()
-    run_id = uuid.uuid4().hex[:8]  # W&B's own ids are 8 characters of [0-9a-z]
-    if rank_zero_only.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        path.write_text(run_id + "\n")
-    return run_id
+def trainer_callbacks(config: dict[str, Any], stream=None) -> dict[str, Any]:
+    """Trainer arguments replacing `config`'s (the instantiated trainer config): plain progress lines when stdout is
+    not a terminal (a terminal keeps Lightning's rich bar), our model summary, W&B folders made in advance."""
+    callbacks = config.get("callbacks") or []
+    callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+    out: dict[str, Any] = {"callbacks": callbacks}
+    if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+        if not stdout_is_terminal(stream):
+            callbacks.append(PlainProgressBar())
+    if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
+        callbacks.append(ModelSize())
+        out["enable_model_summary"] = False  # ours replaces Lightning's default (which would log that it skipped)
+    loggers = config.get("logger")
+    for logger in loggers if isinstance(loggers, list | tuple) else [loggers]:
+        if isinstance(logger, WandbLogger):
+            prepare_wandb(logger)
+    return out
 
 
 class DQCLI(LightningCLI):
-    """LightningCLI whose paper-specific callbacks and the checkpointing are top-level config groups (they
-    merge key by key across `--config` files, unlike the `trainer.callbacks` list, which a later file
-    replaces)."""
+    """LightningCLI with the project's callbacks as top-level config groups, the precision, checkpoint key and W&B
+    identity of a run resolved into its saved config, and `--ckpt_path` checked before Lightning reads it."""
+
+    group_listing: dict[str, str] = {}
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
-        main_kwargs = {"formatter_class": console.HelpFormatter, **main_kwargs}
-        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
-        # `--help` names each project group with its one-line doc; the main `--help` lists them all
-        groups = console.describe_groups(self._subcommand_parsers.values() if add_subcommands else [self.parser])
-        self.parser.epilog = console.MAIN_EPILOG + "\n".join(groups)
-
-    def instantiate_trainer(self, **kwargs) -> Trainer:
-        # progress display and model summary for where stdout goes (terminal or log file): lightning_dq.console
-        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        return super().instantiate_trainer(**{**kwargs, **console.trainer_overrides(config)})
+        super().setup_parser(add_subcommands, {"formatter_class": HelpFormatter, **main_kwargs}, subparser_kwargs)
+        self.parser.epilog = MAIN_EPILOG + "\n".join(self.group_listing.values())
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(ResumeCheckpoint, "resume")
-        parser.add_lightning_class_args(NonFiniteGuard, "non_finite_guard")
-        parser.add_lightning_class_args(CodebookReset, "codebook_reset")
-        parser.add_lightning_class_args(CodebookSyncCheck, "codebook_sync_check")
-        parser.add_lightning_class_args(ResolutionSchedule, "resolution_schedule")
-        parser.add_lightning_class_args(ImageLogger, "image_logger")
-        parser.add_lightning_class_args(MetricCurves, "metric_curves")
-        parser.add_lightning_class_args(EvaluationReport, "evaluation_report")
+        for key, cls in GROUPS.items():
+            parser.add_lightning_class_args(cls, key)
+            group = parser.groups[key]  # `--help` names each group with its one-line doc
+            group.title = f"{key} ({cls.__module__}.{cls.__name__})"
+            group.description = one_line_doc(cls)
+            self.group_listing[key] = f"  --{key + '.*':<22} {cls.__name__}: {one_line_doc(cls)}"
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_config = {**config.get("trainer", {}), **kwargs}
+        return super().instantiate_trainer(**{**kwargs, **trainer_callbacks(trainer_config)})
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        # `test`/`validate` write their own config file: the training run's config.yaml stays as it was
-        if self.subcommand and self.subcommand != "fit":
+        if self.subcommand and self.subcommand != "fit":  # test/validate: the fit's config.yaml stays as it was
             self.save_config_kwargs["config_filename"] = f"config_{self.subcommand}.yaml"
-        self._wandb_identity(config)
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads `--ckpt_path`'s hyperparameters first: a bad file fails here as a CheckpointError
-        subcommand = self.config.get("subcommand")
-        ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
-        if ckpt_path and Path(ckpt_path).is_file():
-            load_checkpoint_file(ckpt_path, mmap=True)
-        super()._parse_ckpt_path()
+        precision, why = resolve_precision(config.trainer.precision, config.trainer.accelerator)
+        config.trainer.precision = precision
+        if rank_zero_only.rank == 0:
+            print(f"precision: {precision} ({why}; set trainer.precision to choose)", flush=True)
+        schedule = ResolutionSchedule(**config.resolution_schedule)  # the key checkpoints rank by, shown in config.yaml
+        config.checkpoint.monitor = schedule.monitor_key(config.checkpoint.monitor)
+        loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+        root = Path(config.trainer.default_root_dir or ".")
+        dataset = config.get("data") and config.data.get("init_args", {}).get("dataset")
+        fresh = self.subcommand == "fit" and not config.get("ckpt_path")
+        for logger in loggers:
+            if getattr(logger, "class_path", "").endswith("WandbLogger"):
+                fill_identity(logger.init_args, root, self.subcommand, dataset, new=fresh)
 
     def _check_ckpt_path(self) -> None:
         """A truncated, corrupt or mismatched `--ckpt_path` fails here as a `CheckpointError` naming the file."""
         validate_ckpt_path(self.trainer, self.model, self.config[self.subcommand].get("ckpt_path"))
 
-    def before_fit(self) -> None:
-        self._check_ckpt_path()
-
-    def before_validate(self) -> None:
-        self._check_ckpt_path()
-
-    def before_test(self) -> None:
-        self._check_ckpt_path()
-
-    def _wandb_identity(self, config) -> None:
-        """One W&B run per experiment (run directory): a stable id kept in the run directory, so a resumed
-        fit continues the run and `test` attaches to it; name = the run directory's name, group = the
-        dataset, job_type = the subcommand. Values the config sets are kept. Everything set here is part of
-        the parsed config, so the saved config.yaml shows it."""
-        loggers = config.trainer.logger
-        loggers = loggers if isinstance(loggers, list) else [loggers]
-        root = Path(config.trainer.default_root_dir or ".")
-        for logger in loggers:
-            if not (hasattr(logger, "class_path") and logger.class_path.endswith("WandbLogger")):
-                continue
-            args = logger.init_args
-            if args.get("save_dir") in (None, "", ".") and not args.get("dir"):  # W&B files go to the run directory
-                args.save_dir = str(root)
-            if not args.get("id") and not args.get("version"):
-                args.id = wandb_run_id(root, new=self.subcommand == "fit" and not config.get("ckpt_path"))
-            args.name = args.get("name") or root.name
-            dataset = config.get("data") and config.data.get("init_args", {}).get("dataset")
-            args.group = args.get("group") or dataset
-            args.job_type = args.get("job_type") or self.subcommand
-            if os.environ.get("WANDB_MODE") == "online":  # the documented way to stream a run live
-                args.offline = False
+    before_fit = before_validate = before_test = _check_ckpt_path
 
 
-def build_cli(args: ArgsType = None, run: bool = True) -> DQCLI:
-    """Parse `args` (a list of CLI arguments, or None for sys.argv) and run the subcommand; returns the CLI
-    object, whose `config`, `trainer`, `model` and `datamodule` tests and notebooks can inspect. With
-    `run=False`, `args` has no subcommand and the classes are only instantiated."""
-    # `${trainer.default_root_dir}` in a config file means the top-level key, also under a subcommand
-    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    console.install_filters()
+def build_cli(args: ArgsType = None) -> DQCLI:
+    """Parse `args` (a list of CLI arguments, or None for sys.argv) and run the subcommand; returns the CLI object,
+    whose `config`, `trainer`, `model` and `datamodule` tests and notebooks can inspect."""
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)  # `${trainer...}` means the top-level key
+    install_filters()
+    argv = list(sys.argv[1:] if args is None else args)
+    # LightningCLI reads `--ckpt_path`'s hyperparameters before any hook runs: a truncated or corrupt file must be
+    # a CheckpointError naming it, not a traceback
+    paths = [a.split("=", 1)[1] for a in argv if a.startswith("--ckpt_path=")]
+    paths += [b for a, b in zip(argv, argv[1:]) if a == "--ckpt_path"]
+    for path in paths:
+        if Path(path).is_file():
+            load_checkpoint_file(path, mmap=True)
     return DQCLI(
         LightningModule,
         LightningDataModule,
@@ -151,20 +176,60 @@ def build_cli(args: ArgsType = None, run: bool = True) -> DQCLI:
         seed_everything_default=0,
         auto_configure_optimizers=False,
         args=args,
-        run=run,
     )
 
 
+def prepare(argv: list[str]) -> None:
+    """`lightning-dq prepare`: convert downsampled ImageNet's npz files to the memory-mapped cache, once.
+
+    ImageNet-64's conversion writes about 16 GB, longer than a DDP barrier waits, so it runs here, in one process,
+    before any multi-GPU training; a cache that is already current is left as it is.
+    """
+    from lightning_dq.data.imagenet import prepare_imagenet  # here: `lightning-dq fit` does not need it
+
+    parser = argparse.ArgumentParser(prog="lightning-dq prepare", description="the ImageNet cache, once per dataset")
+    parser.add_argument("--dataset", choices=["imagenet32", "imagenet64"], required=True)
+    parser.add_argument("--root", required=True, help="folder of the npz files (or of their official subfolders)")
+    parser.add_argument("--cache_dir", default=None, help="where the cache goes (default <root>/lightning_dq_cache)")
+    ns = parser.parse_args(argv)
+    root = Path(ns.root)
+    cache_dir = Path(ns.cache_dir) if ns.cache_dir else root / "lightning_dq_cache"
+    for cache in prepare_imagenet(root, int(ns.dataset[-2:]), cache_dir):
+        n, _, s, _ = np.load(cache, mmap_mode="r", allow_pickle=False).shape
+        print(f"{cache}: {n} images {s}x{s}, {cache.stat().st_size / 1e9:.2f} GB")
+    cache_arg = f" --data.init_args.cache_dir={ns.cache_dir}" if ns.cache_dir else ""
+    print(f"ready: train with --data.init_args.root={ns.root}{cache_arg}")
+
+
+COMMANDS = {"prepare": prepare}  # the project's own commands beside LightningCLI's subcommands
+
+
+def find_user_error(err: BaseException | None) -> UserError | None:
+    """`err` itself if it is a `UserError`, else the first `UserError` it was raised from or while handling (a
+    library may re-raise an error from a hook as another exception); a context hidden with `from None` is not searched."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return None
+
+
 def main(args: ArgsType = None) -> None:
-    """Entry point of the `lightning-dq` console script. A `UserError` (bad data, config value or checkpoint)
-    is printed as one message on stderr and exits with status 2; any other exception keeps its traceback."""
+    """Entry point of the `lightning-dq` console script. A `UserError` (bad data, config value or checkpoint, a full
+    disk) is printed as one line on stderr and exits with status 2; any other exception keeps its traceback."""
+    argv = list(sys.argv[1:] if args is None else args)
     try:
-        build_cli(args)
+        if argv and argv[0] in COMMANDS:
+            COMMANDS[argv[0]](argv[1:])
+        else:
+            build_cli(args)
     except Exception as err:
-        user_error = console.find_user_error(err)
+        user_error = find_user_error(err)
         if user_error is None:
             raise
-        console.print_user_error(user_error)
+        print(f"lightning-dq: error: {user_error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 

@@ -1,12 +1,15 @@
-"""Errors a user can fix (missing or corrupt data, a bad config value, an unusable checkpoint).
+"""Errors a user can fix: missing or corrupt data, a bad config value, an unusable checkpoint, a full disk.
 
-The `lightning-dq` command prints a `UserError` as one message, without a traceback, and exits with
-status 2; any other exception is a bug and keeps its traceback. Each subclass is also the built-in
-exception callers already catch (`ValueError`, `FileNotFoundError`), so `except ValueError` still works.
-Messages name the file, key or value and say what to do.
+`lightning-dq` prints a `UserError` as one line without a traceback and exits with status 2; any other exception
+is a bug and keeps its traceback. Each subclass is also the built-in exception callers already catch
+(`ValueError`, `FileNotFoundError`, `OSError`). Messages name the file, key or value and say what to do.
 """
 
 from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -27,3 +30,28 @@ class DataNotFoundError(UserError, FileNotFoundError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that is truncated, corrupt or from a different model configuration (names the file)."""
+
+
+class TrainingDivergedError(UserError, RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
+class DiskFullError(UserError, OSError):
+    """A write that found no space left on its device (names the file and the free space)."""
+
+
+def disk_full(err: OSError, path: str | Path, what: str) -> OSError:
+    """`err` as a `DiskFullError` naming `path` (a `what`) and its folder's free space if the device is full (ENOSPC,
+    EDQUOT), else `err` itself: `raise disk_full(err, path, "checkpoint") from err`."""
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return err
+    folder = Path(path).parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(
+        err.errno,
+        f"no space left on the device writing the {what} {path} ({free} in {folder}): free some "
+        f"space or write elsewhere, then resume with --ckpt_path last",
+    )

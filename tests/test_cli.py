@@ -1,21 +1,28 @@
-"""The real CLI (`lightning_dq.cli.main`): every config, W&B offline, checkpoint reload, progressive
-resolution and its resume, and config errors that fail before training."""
+"""The real CLI (`lightning_dq.cli.main`): every config, W&B offline, checkpoint reload, progressive resolution and
+its resume, config errors that fail before training, `--help` listing the project's groups, and user errors as one
+line with exit status 2."""
 
 from __future__ import annotations
 
 import csv
+import re
 import struct
 from pathlib import Path
 
 import pytest
 import torch
 
-from lightning_dq.cli import build_cli, main
-from lightning_dq.module import AutoEncoderModule
+from lightning_dq.cli import build_cli, find_user_error, main, one_line_doc
+from lightning_dq.errors import ConfigError, DataError, UserError
+from lightning_dq.reporting.images import ImageLogger
+from lightning_dq.training.callbacks import CodebookReset
+from lightning_dq.training.resolution import ResolutionSchedule
+from lightning_dq.training.modules import AutoEncoderModule
+from tests.helpers import CONFIGS
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BASE = ["--config", str(CONFIGS / "base.yaml")]
 DEBUG = ["--config", str(CONFIGS / "debug.yaml")]
+DEBUG_FIT = ["fit", *BASE, *DEBUG]
 QUIET = ["--trainer.enable_model_summary=false"]
 
 
@@ -171,3 +178,74 @@ def test_runs_without_logger_and_with_csv_logger(tmp_path, capsys):
     csv_logger = ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path / 'b'}"]
     main(["fit", *BASE, *DEBUG, *run_args(tmp_path / "b"), "--trainer.max_epochs=1", *csv_logger])
     assert "val/bpd_uniform" in next((tmp_path / "b").rglob("metrics.csv")).read_text()
+
+
+def test_one_line_doc_is_the_first_sentence_on_one_line():
+    class Doc:
+        """Decides *when* codes restart; `Codebook` decides *how*: all ranks hold identical codebooks,
+        and stop (e.g. a custom quantizer). More text.
+
+        Args: ..."""
+
+    assert one_line_doc(Doc, width=200) == (
+        "Decides *when* codes restart; `Codebook` decides *how*: all ranks hold identical codebooks, and stop "
+        "(e.g. a custom quantizer)"
+    )
+    assert one_line_doc(Doc, width=60) == "Decides *when* codes restart; `Codebook` decides *how*..."
+
+
+def test_help_lists_the_project_groups_with_their_one_line_docs(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--help"])
+    assert exit_.value.code == 0
+    fit_help = capsys.readouterr().out
+    groups = [("codebook_reset", CodebookReset), ("resolution_schedule", ResolutionSchedule), ("image_logger", ImageLogger)]
+    for key, cls in groups:
+        assert f"\n{key} ({cls.__module__}.{cls.__name__}):\n  {one_line_doc(cls)}\n\n  --{key} CONFIG" in fit_help
+    # a group without options still shows, with its doc
+    assert re.search(r"\nmetric_curves \(lightning_dq\.reporting\.curves\.MetricCurves\):\n  Draws `bpd_curve.png`", fit_help)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    main_help = capsys.readouterr().out
+    assert "where to find every option:" in main_help
+    for key, cls in [("codebook_reset", CodebookReset), ("resolution_schedule", ResolutionSchedule)]:
+        assert re.search(rf"\n  --{key}\.\* +{cls.__name__}: {re.escape(one_line_doc(cls))}\n", main_help)
+
+
+def test_user_error_in_a_hook_is_one_line_on_stderr_with_exit_status_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*DEBUG_FIT, f"--trainer.default_root_dir={tmp_path}", "--resolution_schedule.milestones={0: 32, 1: 64}",
+              "--trainer.reload_dataloaders_every_n_epochs=0"])  # fmt: skip  # ConfigError in setup()
+    assert exit_.value.code == 2 and exit_.value.__cause__ is None and exit_.value.__suppress_context__
+    err = capsys.readouterr().err
+    assert re.search(r"^lightning-dq: error: resolution_schedule\.milestones=.* set trainer\.reload_dataloaders_every"
+                     r"_n_epochs=1 \(it is 0\)$", err, re.M)  # fmt: skip
+    assert "Traceback" not in err
+
+
+def test_user_error_in_a_constructor_exits_2_and_a_bug_keeps_its_exception(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_:
+        main([*DEBUG_FIT, f"--trainer.default_root_dir={tmp_path}", "--resolution_schedule.milestones={1: 32}"])
+    assert exit_.value.code == 2
+    assert "needs epoch 0" in capsys.readouterr().err
+    monkeypatch.setattr(CodebookReset, "enabled_at", lambda self, step: 1 / 0)  # a bug in a hook
+    with pytest.raises(ZeroDivisionError):  # not a UserError: a traceback, not exit 2
+        main([*DEBUG_FIT, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1"])
+
+
+def test_find_user_error_unwraps_causes_and_contexts():
+    inner = DataError("data_batch_1 is truncated")
+    try:
+        try:
+            raise inner
+        except DataError:
+            raise RuntimeError("hook failed")  # noqa: B904 -- implicit context, as a wrapper may do
+    except RuntimeError as wrapped:
+        assert find_user_error(wrapped) is inner
+    caused = RuntimeError("wrapped")
+    caused.__cause__ = ConfigError("bad")
+    assert isinstance(find_user_error(caused), UserError)
+    assert find_user_error(ValueError("a bug")) is None
+    hidden = RuntimeError("a bug while handling it")
+    hidden.__context__, hidden.__suppress_context__ = ConfigError("bad"), True  # `raise ... from None`
+    assert find_user_error(hidden) is None

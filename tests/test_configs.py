@@ -11,15 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 import lightning_dq
 from lightning_dq.cli import build_cli, main
-from lightning_dq.data import TITLES
-from lightning_dq.quantize import Codebook
-from lightning_dq.record import RunRecord
+from lightning_dq.data.datamodule import TITLES
+from lightning_dq.nn.codebook import Codebook
+from lightning_dq.reporting.record import RunRecord
+from tests.helpers import REPO, config_args, debug_net_args, images, write_cifar, write_imagenet
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -28,13 +30,13 @@ pytestmark = [
 ]
 
 
-def run_args(run: Path, data: Path, debug_net: list[str]) -> list[str]:
+def run_args(run: Path, data: Path) -> list[str]:
     """What a test changes in a dataset config: where the run and the data are, the debug net, CPU, no worker
     processes, the metric record as the only logger (no W&B), no image grids (tests/test_callbacks.py)."""
     return [
-        f"--trainer.default_root_dir={run}", f"--data.init_args.root={data}", *debug_net,
+        f"--trainer.default_root_dir={run}", f"--data.init_args.root={data}", *debug_net_args(),
         "--trainer.accelerator=cpu", "--data.init_args.num_workers=0", "--trainer.enable_model_summary=false",
-        "--trainer.logger=lightning_dq.record.RunRecord", f"--trainer.logger.init_args.save_dir={run}",
+        "--trainer.logger=lightning_dq.reporting.record.RunRecord", f"--trainer.logger.init_args.save_dir={run}",
         "--image_logger.every_n_epochs=0",
     ]  # fmt: skip
 
@@ -44,14 +46,17 @@ def evaluation(run: Path) -> dict:
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "imagenet32"])
-def test_32px_dataset_configs_fit_and_test_on_real_format_files(dataset, tmp_path, configs, debug_net,
-                                                                 write_cifar10, write_imagenet):  # fmt: skip
+def test_32px_dataset_configs_fit_and_test_on_real_format_files(dataset, tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
+    test = images(6, 32, 99)
     if dataset == "cifar10":
-        pool, test = write_cifar10(data, per_batch=4, num_test=6)  # data_batch_1..5 + test_batch + batches.meta
+        pool = [images(4, 32, seed) for seed in range(5)]
+        write_cifar(data, pool, test)  # data_batch_1..5 + test_batch
     else:
-        pool, test = write_imagenet(data, 32, per_batch=2, num_val=6)  # train_data_batch_1..10.npz, val_data.npz
-    args = [*configs("base", dataset), *run_args(run, data, debug_net), "--data.init_args.val_size=4"]
+        pool = [images(2, 32, seed) for seed in range(10)]
+        write_imagenet(data, 32, pool, test, official=False)  # train_data_batch_1..10.npz, val_data.npz
+    pool = np.concatenate(pool)
+    args = [*config_args("base", dataset), *run_args(run, data), "--data.init_args.val_size=4"]
     cli = build_cli(["fit", *args, "--trainer.fast_dev_run=1"])
     dm = cli.datamodule
     # the data section of the dataset config is what ran
@@ -66,11 +71,12 @@ def test_32px_dataset_configs_fit_and_test_on_real_format_files(dataset, tmp_pat
     assert all(math.isfinite(report["figures"][k]) for k in ("A bpd_decoder", "B bpd_uniform", "mse"))
 
 
-def test_imagenet64_config_trains_at_32_then_64_and_tests_at_64(tmp_path, configs, debug_net, write_imagenet):
+def test_imagenet64_config_trains_at_32_then_64_and_tests_at_64(tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
-    _, val = write_imagenet(data, 64, per_batch=2, num_val=3, official=True)  # Imagenet64_train_part1_npz/...
+    val = images(3, 64, 99)
+    write_imagenet(data, 64, [images(2, 64, seed) for seed in range(10)], val, official=True)  # Imagenet64_train_part1_npz/...
     # the config's schedule {0: 32, 10: 64}, with the 64x64 stage from epoch 1
-    args = [*configs("base", "imagenet64"), *run_args(run, data, debug_net), "--data.init_args.val_size=4",
+    args = [*config_args("base", "imagenet64"), *run_args(run, data), "--data.init_args.val_size=4",
             "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
             "--resolution_schedule.milestones={0: 32, 1: 64}"]  # fmt: skip
     main(["fit", *args, "--trainer.max_epochs=2"])
@@ -87,8 +93,8 @@ def test_imagenet64_config_trains_at_32_then_64_and_tests_at_64(tmp_path, config
     assert report["resolution"] == 64 and report["num_images"] == len(val) and report["whole_split"]
 
 
-def test_bf16_mixed_cpu_fit_through_the_cli(tmp_path, configs):
-    cli = build_cli(["fit", *configs("base", "debug"), f"--trainer.default_root_dir={tmp_path}",
+def test_bf16_mixed_cpu_fit_through_the_cli(tmp_path):
+    cli = build_cli(["fit", *config_args("base", "debug"), f"--trainer.default_root_dir={tmp_path}",
                      "--trainer.enable_model_summary=false", "--trainer.precision=bf16-mixed", "--trainer.max_epochs=1",
                      "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
                      "--image_logger.every_n_epochs=0"])  # fmt: skip
@@ -109,18 +115,18 @@ def test_bf16_mixed_cpu_fit_through_the_cli(tmp_path, configs):
 
 
 def test_public_api_and_version():
-    expected = {"DepthwiseQuantizer", "Codebook", "HierarchicalAutoEncoder", "CodePrior", "AutoEncoderModule",
-                "PriorModule", "ImageDataModule", "__version__"}  # fmt: skip
+    expected = {"DepthwiseQuantizer", "Codebook", "CodeGeometry", "HierarchicalAutoEncoder", "CodePrior"}
+    expected |= {"AutoEncoderModule", "PriorModule", "ImageDataModule", "__version__"}
     assert set(lightning_dq.__all__) == expected
     for name in expected - {"__version__"}:  # every name resolves, to the class of that name
         assert getattr(lightning_dq, name).__name__ == name
-    from lightning_dq.autoencoder import HierarchicalAutoEncoder
-    from lightning_dq.quantize import DepthwiseQuantizer
+    from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder
+    from lightning_dq.nn.quantizer import DepthwiseQuantizer
 
     assert lightning_dq.DepthwiseQuantizer is DepthwiseQuantizer
     assert lightning_dq.HierarchicalAutoEncoder is HierarchicalAutoEncoder
     setup = configparser.ConfigParser()
-    setup.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    setup.read(REPO / "setup.cfg")
     assert lightning_dq.__version__ == setup["metadata"]["version"]
     with pytest.raises(AttributeError, match="lightning_dq.*NoSuchThing"):
         lightning_dq.NoSuchThing  # noqa: B018

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+from tests.helpers import REPO
+
+EXPERIMENTS = REPO / "experiments"
 
 
 def load(name: str):

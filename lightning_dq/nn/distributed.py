@@ -1,0 +1,35 @@
+"""The one answer to "am I distributed?", decided at call time, and the collectives the networks use.
+
+Lightning builds the model before the process group exists, so nothing may decide this in `__init__`.
+Every helper is a no-op in a single process.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    """True when `torch.distributed` is initialised with more than one rank (checked on every call)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum_(tensor: Tensor) -> Tensor:
+    """Sum `tensor` in place over all ranks."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_finite(finite: Tensor) -> Tensor:
+    """Whether a boolean scalar `finite` is True on every rank (`()` bool tensor, no host sync)."""
+    bad = (~finite).float().view(1)  # (1,)
+    return all_reduce_sum_(bad)[0] == 0
+
+
+def broadcast_from_rank0_(tensor: Tensor) -> Tensor:
+    """Overwrite `tensor` in place with rank 0's copy."""
+    if is_distributed():
+        dist.broadcast(tensor, src=0)
+    return tensor

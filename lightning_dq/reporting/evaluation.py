@@ -1,0 +1,74 @@
+"""`EvaluationReport`: the test figures of a run as `evaluation.json` and a markdown row `evaluation.md`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+
+from lightning_dq.nn.figures import FIGURES
+from lightning_dq.reporting.wandb import wandb_loggers
+
+HEADER = (
+    "| data | resolution | test images | A decoder-only (not a bound) | B uniform codes | C learned prior | MSE |\n"
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+)
+
+
+class EvaluationReport(Callback):
+    """After `test`, writes into the run directory `evaluation.json` and a markdown table row `evaluation.md`: A
+    (decoder only, not a bound), B (uniform code cost), C (learned prior, when a prior is evaluated), the
+    reconstruction MSE, how many test images of the split were evaluated (PARTIAL when not all), what data they
+    were, and which checkpoints. Sent to W&B as the `test/evaluation` table."""
+
+    def __init__(self) -> None:
+        self._loaded: dict = {}
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        self._loaded = {"epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}
+
+    @rank_zero_only
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        num_images = int(metrics.get("test/num_images", 0))
+        loaders = trainer.test_dataloaders
+        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+        split_size = sum(len(dl.dataset) for dl in loaders if dl is not None and hasattr(dl.dataset, "__len__"))
+        if num_images != split_size:  # e.g. trainer.limit_test_batches < 1.0: not a whole-split figure
+            rank_zero_warn(
+                f"evaluated {num_images} of the {split_size} test images: these figures do not cover the whole test "
+                f"split (check trainer.limit_test_batches)"
+            )
+        evaluated = {"path": trainer.ckpt_path, **self._loaded}  # the checkpoint passed to `test`
+        prior = getattr(pl_module, "prior", None)
+        figures = {f"{letter} {name}": metrics.get(f"test/{name}") for letter, name in FIGURES} | {
+            "mse": metrics.get("test/mse")
+        }
+        report = {
+            "figures": figures,
+            "num_images": num_images,
+            "split_size": split_size,
+            "whole_split": num_images == split_size,
+            "data": getattr(trainer.datamodule, "data_description", type(trainer.datamodule).__name__),
+            "resolution": getattr(trainer.datamodule, "resolution", None),
+            "autoencoder_parameters": sum(p.numel() for p in pl_module.code_net.parameters()),
+            "prior_parameters": sum(p.numel() for p in prior.parameters()) if prior is not None else None,
+            "checkpoint": trainer.ckpt_path,
+            "prior": evaluated if prior is not None else None,
+            "autoencoder": getattr(pl_module, "autoencoder_source", None) if prior is not None else evaluated,
+            "all_metrics": metrics,
+        }
+        root = Path(trainer.default_root_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "evaluation.json").write_text(json.dumps(report, indent=1))
+        images = f"{num_images}" if report["whole_split"] else f"{num_images} of {split_size} (PARTIAL)"
+        cells = ["n/a" if v is None else f"{v:.4f}" for v in figures.values()]
+        row = f"| {report['data']} | {report['resolution']} | {images} | " + " | ".join(cells) + " |"
+        (root / "evaluation.md").write_text(HEADER + row + "\n")
+        for logger in wandb_loggers(trainer):
+            columns = ["data", "resolution", "test images", "whole split", *figures]
+            values = [report["data"], report["resolution"], num_images, report["whole_split"], *figures.values()]
+            logger.log_table(key="test/evaluation", columns=columns, data=[values])
+        print(f"evaluation written to {root / 'evaluation.json'}\n{HEADER}{row}")

@@ -1,0 +1,42 @@
+"""Known noise from our dependencies, each silenced by exact message and source; any other warning stays."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+# Lightning's tips advertising its cloud logger and model registry (printed on every run that does not use them)
+LIGHTNING_TIPS = (
+    "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]",
+    "💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels]",
+)
+# the loggers Lightning's `rank_zero_info` writes through (fabric's and pytorch's both replace the shared one)
+LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records whose message starts with one of `prefixes`."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def install_filters() -> None:
+    """Silence the known noise (idempotent)."""
+    for name in LIGHTNING_INFO_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(LIGHTNING_TIPS))
+    # torch 2.14 deprecates `LeafSpec`; Lightning's own pytree helper (combined data loaders) still builds one
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    # mixed precision keeps fp32 parameters, so the summary's 32-bit size estimate is exact, not "inaccurate"
+    warnings.filterwarnings("ignore", message=r"Precision (bf16|16)-mixed is not supported by the model summary")

@@ -1,0 +1,146 @@
+"""What many tests share: the repository's paths, and THE shrunk config: configs/debug.yaml's tiny network
+(the README code structure: 3 levels, M=5, K=32; tiny widths), as a Python object or as CLI overrides."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from lightning.pytorch import Callback
+
+from lightning_dq.data import ImageDataModule
+from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+SHARED_DATA = REPO.parent / "shared" / "data"  # real CIFAR-10, when the machine has it (tests skip otherwise)
+DEBUG_NET = yaml.safe_load((CONFIGS / "debug.yaml").read_text())["model"]["init_args"]["net"]["init_args"]
+
+
+def config_args(*names: str) -> list[str]:
+    """`config_args("base", "debug")` -> `["--config", ".../configs/base.yaml", "--config", ".../debug.yaml"]`."""
+    return [arg for name in names for arg in ("--config", str(CONFIGS / f"{name}.yaml"))]
+
+
+def debug_net_args() -> list[str]:
+    """The debug network as overrides (`--model.init_args.net.init_args.channels=16` ...), for any config."""
+    return [f"--model.init_args.net.init_args.{key}={value}" for key, value in DEBUG_NET.items()]
+
+
+def debug_net(seed: int | None = 0, **kwargs) -> HierarchicalAutoEncoder:
+    """The debug network in Python (`kwargs` override its arguments), seeded unless `seed` is None."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return HierarchicalAutoEncoder(**(DEBUG_NET | kwargs))
+
+
+def uint8_images(n: int, side: int, seed: int = 0) -> torch.Tensor:
+    """Random uint8 images (n, 3, side, side)."""
+    return torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+# --- data files in the real on-disk formats ---------------------------------------------------------------
+
+
+def images(n: int, side: int, seed: int) -> np.ndarray:
+    """Random uint8 (n, 3, side, side): asymmetric, so any transposition or channel mix-up changes them."""
+    return np.random.default_rng(seed).integers(0, 256, (n, 3, side, side), dtype=np.uint8)
+
+
+def py2_pickle(data: np.ndarray, labels: list[int]) -> bytes:
+    """A CIFAR batch pickled as Python 2's cPickle did: keys and pixel bytes as Python-2 `str` opcodes."""
+
+    def pystr(b: bytes) -> bytes:  # SHORT_BINSTRING / BINSTRING: decoded with pickle.load's `encoding`
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<i", len(b)) + b
+
+    def int4(i: int) -> bytes:
+        return b"J" + struct.pack("<i", i)
+
+    dtype = b"cnumpy\ndtype\nX\x02\x00\x00\x00u1\x89\x88\x87R"  # numpy.dtype("u1", False, True)
+    dtype += b"(K\x03X\x01\x00\x00\x00|NNN" + int4(-1) * 2 + b"K\x00tb"  # its state, then BUILD
+    array = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + pystr(b"b") + b"\x87R"
+    array += b"(K\x01" + int4(data.shape[0]) + int4(data.shape[1]) + b"\x86" + dtype + b"\x89"
+    array += pystr(data.tobytes()) + b"tb"
+    listing = b"](" + b"".join(b"K" + bytes([v]) for v in labels) + b"e"
+    return b"\x80\x02}(" + pystr(b"labels") + listing + pystr(b"data") + array + b"u."
+
+
+def write_cifar_batch(path: Path, batch: np.ndarray, keys: str = "bytes") -> None:
+    """One CIFAR-10 batch file; keys: "bytes" (Python 3, bytes keys), "str" (Python 3) or "py2"."""
+    data = batch.reshape(len(batch), 3072)  # planar rows: R plane, G plane, B plane
+    labels = [i % 10 for i in range(len(batch))]
+    if keys == "py2":
+        path.write_bytes(py2_pickle(data, labels))
+        return
+    names = [f"{i}.png" for i in labels]
+    record = {"batch_label": "fixture", "labels": labels, "data": data, "filenames": names}
+    if keys == "bytes":
+        record = {k.encode(): v for k, v in record.items()}
+    path.write_bytes(pickle.dumps(record, protocol=2))
+
+
+def write_cifar(root: Path, train: list[np.ndarray], test: np.ndarray, keys: str = "bytes") -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for i, batch in enumerate(train, start=1):
+        write_cifar_batch(folder / f"data_batch_{i}", batch, keys)
+    write_cifar_batch(folder / "test_batch", test, keys)
+    return folder
+
+
+def write_imagenet(root: Path, side: int, train: list[np.ndarray], val: np.ndarray, official: bool) -> None:
+    """Chrabaszcz npz files, flat in root or in the official unzipped subfolders (64: part1/part2)."""
+    mean = np.concatenate(train).reshape(-1, 3 * side * side).mean(0)
+    for i, batch in enumerate(train, start=1):
+        folder = root / (f"Imagenet{side}_train_part{1 + (i > 5)}_npz" if official else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        labels = np.arange(1, len(batch) + 1)  # 1-based, as in the real files
+        data = batch.reshape(len(batch), -1)
+        np.savez(folder / f"train_data_batch_{i}.npz", data=data, labels=labels, mean=mean)
+    folder = root / (f"Imagenet{side}_val_npz" if official else "")
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "val_data.npz", data=val.reshape(len(val), -1), labels=np.ones(len(val), int))
+
+
+
+def truncate(path: Path) -> None:
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+
+
+def flip_bytes(path: Path, at: float, count: int = 16) -> None:
+    """Invert `count` bytes starting at fraction `at` of the file (a damaged sector, a bad copy)."""
+    raw = bytearray(path.read_bytes())
+    start = int(len(raw) * at)
+    raw[start : start + count] = bytes(255 - b for b in raw[start : start + count])
+    path.write_bytes(bytes(raw))
+
+
+def served(dm: ImageDataModule, split: str) -> tuple[torch.Tensor, np.ndarray | None]:
+    """All images of a split in dataset order (no shuffle) and the rows of the stored array they are."""
+    dataset = getattr(dm, f"{split}_dataloader")().dataset
+    return torch.stack([dataset[i] for i in range(len(dataset))]), dataset.indices
+
+
+class KillAt(Callback):
+    """Fault injection for tests of resume: SIGKILL this process when training reaches global step `step` (before
+    that step runs), like a preempted job: nothing is flushed.
+
+    Args:
+        step: global step at which to die.
+        rank: only the process of this global rank dies (None: every rank).
+    """
+
+    def __init__(self, step: int, rank: int | None = None) -> None:
+        self.step = step
+        self.rank = rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
+            os.kill(os.getpid(), signal.SIGKILL)

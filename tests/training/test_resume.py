@@ -1,0 +1,67 @@
+"""Exact resume: a fit SIGKILLed mid-epoch (in a real subprocess, during the second epoch of a progressive
+32px -> 64px schedule) and restarted with `--ckpt_path last` ends with exactly the weights, EMA codebooks,
+optimizer state and epoch metrics of the same fit run without interruption."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from lightning_dq.cli import main
+from lightning_dq.training.checkpoints import load_checkpoint_file
+from tests.helpers import CONFIGS, REPO
+
+ARGS = ["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "debug.yaml"),
+        "--trainer.enable_model_summary=false", "--trainer.max_epochs=2", "--trainer.limit_train_batches=4",
+        "--trainer.limit_val_batches=1", "--resume.every_n_train_steps=1",
+        "--resolution_schedule.milestones={0: 32, 1: 64}", "--checkpoint.monitor=val/loss_64px"]  # fmt: skip
+KILL_STEP = 6  # epoch 1 (steps 4-7) at 64px, after 2 of its 4 batches
+
+
+def epoch_rows(root: Path) -> dict[str, float]:
+    """Epoch-level values of the metric record (train aggregates and validation), by key and epoch."""
+    with (root / "metrics.csv").open(newline="") as f:
+        out = {}
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if value and (key.endswith("_epoch") or key.startswith("val/")):
+                    out[f"{key}@{row.get('epoch')}"] = float(value)
+        return out
+
+
+def test_killed_and_resumed_equals_uninterrupted(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    main(["fit", *ARGS, f"--trainer.default_root_dir={straight}"])
+
+    kill = json.dumps({"class_path": "tests.helpers.KillAt", "init_args": {"step": KILL_STEP}})
+    cmd = [sys.executable, "-m", "lightning_dq.cli", "fit", *ARGS, f"--trainer.default_root_dir={killed}",
+           f"--trainer.callbacks+={kill}"]  # fmt: skip
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    step_ckpt = load_checkpoint_file(killed / "checkpoints" / "last-step.ckpt")
+    assert step_ckpt["global_step"] == KILL_STEP and step_ckpt["epoch"] == 1  # killed mid-epoch
+
+    main(["fit", *ARGS, f"--trainer.default_root_dir={killed}", "--ckpt_path=last"])
+
+    a = load_checkpoint_file(straight / "checkpoints" / "last.ckpt")
+    b = load_checkpoint_file(killed / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 8
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name, value in a["state_dict"].items():  # weights and EMA codebook buffers
+        assert torch.equal(value, b["state_dict"][name]), f"{name} differs after resume"
+    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for index, state in opt_a.items():
+        for key, value in state.items():
+            assert torch.equal(value, opt_b[index][key]), f"optimizer state {index}.{key} differs after resume"
+    # the metric record: the epoch interrupted by the kill has the same aggregates as the uninterrupted one
+    record_a, record_b = epoch_rows(straight), epoch_rows(killed)
+    assert any(k.startswith("train/loss_64px_epoch@1") for k in record_a), sorted(record_a)
+    assert record_a == record_b

@@ -6,11 +6,10 @@ so worker start-up is included) iterated to the end: 45,000 images (val_size 5,0
 shuffled. Variants run interleaved, round-robin, in one process: ratios between them are meaningful, the
 absolute numbers on a shared machine are not. The files are read once, before timing.
 
-Default data: ../shared/data/cifar10-jpeg75 (relative to the repository root), all 60,000 CIFAR-10 images
-in the official python format (JPEG-decoded pixels: fine for speed, not for likelihood numbers).
+Data: `--root`, a folder holding `cifar-10-batches-py` (e.g. the JPEG-decoded copy of the development machines: fine
+for speed, not for likelihood numbers).
 
-    .venv/bin/python benchmarks/data_loading.py                  # 3 repeats (~1 min on 2 cores)
-    .venv/bin/python benchmarks/data_loading.py --repeats 5 --root data/
+    .venv/bin/python benchmarks/data_loading.py --root data/                  # 3 repeats (~1 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -20,14 +19,10 @@ import os
 import statistics
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
 from lightning_dq.data import ImageDataModule
-
-# ../shared/data/cifar10-jpeg75, relative to the repository root
-DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg75"
 
 
 def epoch(dm: ImageDataModule, workers: int, resolution: int) -> tuple[float, float]:
@@ -45,7 +40,7 @@ def epoch(dm: ImageDataModule, workers: int, resolution: int) -> tuple[float, fl
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--root", default=str(DEFAULT_ROOT), help="folder that contains cifar-10-batches-py")
+    parser.add_argument("--root", required=True, help="folder that contains cifar-10-batches-py")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])

@@ -1,20 +1,19 @@
-"""Evaluation speed: figures A, B and C (docs/design.md) on test images, two paths side by side.
+"""Evaluation speed: figures A, B and C (lightning_dq.nn.figures) on test images, two paths side by side.
 
 - `two-pass` (the evaluation before issue 12, written out here as the reference): encode every image for
   the prior's codes, then a second, full auto-encoder pass for the decoder figure A; fp32, contiguous
   tensors, and a host-synchronising check `C >= A` on every batch.
 - `one-pass`: one auto-encoder pass per image gives the codes and the decoder figure together (the codes
-  of `C` and of `A` are the same tensors); channels_last, bf16 autocast for the encoder/decoder (where the
-  device has native bf16, else fp32: see `lightning_dq.autoencoder.bf16_is_native`), quantizer,
-  likelihood and prior logits in fp32, inference mode, no host synchronisation inside the loop.
+  of `C` and of `A` are the same tensors); channels_last, bf16 autocast for the encoder/decoder where the
+  precision policy would choose it (`lightning_dq.training.precision`), quantizer, likelihood and prior logits
+  in fp32, inference mode, no host synchronisation inside the loop.
 
 Both paths evaluate the same weights on the same images, interleaved (two-pass, one-pass, two-pass, ...),
 median of the repeats after a warm-up; the figures of both are printed so they can be compared. The
 weights are random (a freshly built net and prior, codebooks initialised from the data): the figures
 check agreement, the times are the result.
 
-Images: the first `--images` of the CIFAR-10 test split in ../shared/data/cifar10-jpeg75 when present,
-else synthetic images.
+Images: the first `--images` of the CIFAR-10 test split under `--data-root` when given, else synthetic images.
 
     .venv/bin/python benchmarks/evaluation.py                      # README preset, ~3 min on 2 busy cores
     .venv/bin/python benchmarks/evaluation.py --net demo --images 256 --batch 64
@@ -24,23 +23,22 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder
-from lightning_dq.autoencoder import bf16_is_native
-from lightning_dq.nn.figures import bits_per_dim, uniform_code_bits
-from lightning_dq.training.modules import AutoEncoderModule
+from lightning_dq.nn.figures import likelihood_figures
 from lightning_dq.nn.prior import CodePrior
+from lightning_dq.training.modules import AutoEncoderModule
+from lightning_dq.training.precision import fast_bf16
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_step  # noqa: E402
 from train_step import NETS, data_module, run_with_docs, sync  # noqa: E402
 
 PRIORS = {"readme": dict(dim=256, depth=4, heads=4), "demo": dict(dim=64, depth=2, heads=4)}  # as the configs
@@ -53,11 +51,9 @@ def test_images(count: int, resolution: int) -> tuple[Tensor, str]:
 
 
 def figures(net: HierarchicalAutoEncoder, x: Tensor, recon: Tensor, prior_nats: Tensor) -> Tensor:
-    """Per-image A, B, C in bits/dim, stacked (B, 3)."""
-    a = bits_per_dim(recon.float())  # (B,)
-    b = a + uniform_code_bits(net.code_shapes(x.shape[-1]), tuple(x.shape[-2:]))
-    c = a + prior_nats / x[0].numel() / math.log(2)
-    return torch.stack([a, b, c], dim=1)
+    """Per-image A, B, C in bits/dim, stacked (B, 3), from the one function that computes them."""
+    f = likelihood_figures(recon.float(), net.code_shapes(x.shape[-1]), tuple(x.shape[-2:]), -prior_nats)
+    return torch.stack([f["bpd_decoder"], f["bpd_uniform"], f["bpd_prior"]], dim=1)
 
 
 @torch.no_grad()
@@ -75,8 +71,8 @@ def two_pass(module: AutoEncoderModule, prior: CodePrior, x: Tensor) -> Tensor:
 @torch.inference_mode()
 def one_pass(module: AutoEncoderModule, prior: CodePrior, x: Tensor) -> Tensor:
     """One auto-encoder pass: its codes feed the prior, its decoder gives A; autocast as the Trainer sets it."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16):
-        out = module(x)  # channels_last inside; fp32 where bf16 is emulated
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=fast_bf16(x.device.type)):
+        out = module(x)  # channels_last inside; bf16 only where the precision policy would choose it
     nats = -prior.log_prob(out.codes)  # (B,) fp32 logits
     return figures(module.net, x, out.recon, nats)
 
@@ -86,7 +82,7 @@ def build(net_name: str, x: Tensor) -> list[tuple[AutoEncoderModule, CodePrior]]
     torch.manual_seed(0)
     net = HierarchicalAutoEncoder(**NETS[net_name])
     net(x[:16])  # training mode: codebooks initialised from the data (k-means++), one EMA step
-    prior = CodePrior(net.codebook_sizes, net.quantizers[0].num_codebooks, net.downsample, **PRIORS[net_name])
+    prior = CodePrior(net.geometry, **PRIORS[net_name])
     copies = []
     for channels_last in (False, True):
         twin, twin_prior = HierarchicalAutoEncoder(**NETS[net_name]), copy.deepcopy(prior)
@@ -103,12 +99,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-root", default=None, help="folder holding cifar-10-batches-py (default: synthetic)")
     parser.add_argument("--docs", help="markdown file whose evaluation section gets this run's output")
     args = parser.parse_args(argv)
     run_with_docs(run, args, "evaluation")
 
 
 def run(args: argparse.Namespace) -> None:
+    train_step.DATA_ROOT = Path(args.data_root) if args.data_root else None
     device = torch.device(args.device)
     x_all, description = test_images(args.images, args.resolution)
     (ref, ref_prior), (new, new_prior) = build(args.net, x_all)
@@ -126,16 +124,16 @@ def run(args: argparse.Namespace) -> None:
         sync(device)
         return time.perf_counter() - start
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the once-per-call "bf16 emulated: fp32" notice
+    for name in paths:
+        evaluate(name)  # warm-up
+    for _ in range(args.repeats):
         for name in paths:
-            evaluate(name)  # warm-up
-        for _ in range(args.repeats):
-            for name in paths:
-                times[name].append(evaluate(name))
-    print(f"net {args.net}, device {device}, bf16 native: {bf16_is_native(device)}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {args.images} test images ({description}), batch {args.batch}, "
-          f"{args.resolution}x{args.resolution}; median of {args.repeats} interleaved repeats; random weights\n")
+            times[name].append(evaluate(name))
+    print(
+        f"net {args.net}, device {device}, bf16 fast: {fast_bf16(device.type)}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; {args.images} test images ({description}), batch {args.batch}, "
+        f"{args.resolution}x{args.resolution}; median of {args.repeats} interleaved repeats; random weights\n"
+    )
     print("| path | images/s | s per evaluation | speed-up | A bits/dim | B bits/dim | C bits/dim |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     base = statistics.median(times["two-pass"])

@@ -42,11 +42,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--batch", type=int, default=2, help="images sampled at once")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is reported")
-    parser.add_argument("--prefix", type=int, nargs=2, default=[420, 420], metavar=("T32", "T64"),
-                        help="tokens timed on both paths at 32x32 and 64x64 (420 = all of 32x32)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="intra-op threads; 1 by default: sampling is many tiny ops, and on a shared CPU "
-                             "extra threads mostly spin")  # fmt: skip
+    parser.add_argument(
+        "--prefix",
+        type=int,
+        nargs=2,
+        default=[420, 420],
+        metavar=("T32", "T64"),
+        help="tokens timed on both paths at 32x32 and 64x64 (420 = all of 32x32)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads; 1 by default: sampling is many tiny ops, and on a shared CPU extra threads mostly spin",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="prefixes of 105 tokens, one repeat")
     args = parser.parse_args(argv)
@@ -58,11 +67,15 @@ def main(argv: list[str] | None = None) -> None:
         for head in prior.level_heads:
             head.weight.normal_(std=0.02)
     params = sum(p.numel() for p in prior.parameters())
-    print(f"CodePrior dim {prior.dim}, depth {len(prior.blocks)}, heads {prior.num_heads} "
-          f"({params / 1e6:.2f} M parameters), fp32 on {args.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, batch {args.batch}, median of {repeats} interleaved repeats\n")
-    print("| images | code grids (top first) | T tokens | timed tokens | cached tok/s (timed) | "
-          "uncached tok/s (timed) | speed-up (timed) | cached tok/s (all T) |")  # fmt: skip
+    print(
+        f"CodePrior dim {prior.dim}, depth {len(prior.blocks)}, heads {prior.num_heads} "
+        f"({params / 1e6:.2f} M parameters), fp32 on {args.device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, batch {args.batch}, median of {repeats} interleaved repeats\n"
+    )
+    print(
+        "| images | code grids (top first) | T tokens | timed tokens | cached tok/s (timed) | "
+        "uncached tok/s (timed) | speed-up (timed) | cached tok/s (all T) |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for resolution, prefix in zip((32, 64), prefixes, strict=True):
         total = prior.sequence_length(resolution)
@@ -77,11 +90,15 @@ def main(argv: list[str] | None = None) -> None:
         rate = {k: args.batch * (total if k == "cached_all" else prefix) / s for k, s in med.items()}
         grids = ", ".join(f"{h}x{w}" for h, w in prior.grid_shapes(resolution))
         timed = f"{prefix} (all)" if prefix == total else f"{prefix} (first {100 * prefix / total:.0f}%)"
-        print(f"| {resolution}x{resolution} | {grids} | {total} | {timed} | {rate['cached']:.0f} | "
-              f"{rate['uncached']:.0f} | {med['uncached'] / med['cached']:.1f}x | {rate['cached_all']:.0f} |")
+        print(
+            f"| {resolution}x{resolution} | {grids} | {total} | {timed} | {rate['cached']:.0f} | "
+            f"{rate['uncached']:.0f} | {med['uncached'] / med['cached']:.1f}x | {rate['cached_all']:.0f} |"
+        )
     if any(p < prior.sequence_length(r) for r, p in zip((32, 64), prefixes, strict=True)):
-        print("\nOn a prefix the uncached path skips the longest recomputations, so the speed-up there is a "
-              "lower bound on the full-sequence speed-up.")  # fmt: skip
+        print(
+            "\nOn a prefix the uncached path skips the longest recomputations, so the speed-up there is a "
+            "lower bound on the full-sequence speed-up."
+        )
 
 
 if __name__ == "__main__":

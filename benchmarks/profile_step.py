@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import NETS, VARIANTS, Runner, run_with_docs  # noqa: E402
 
-from lightning_dq.autoencoder import HierarchicalAutoEncoder  # noqa: E402
+from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder  # noqa: E402
 
 
 def interleaved(fns: dict, repeats: int) -> dict[str, float]:
@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace) -> None:
     if args.kernels:
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-              f"{torch.backends.cpu.get_cpu_capability()}; median of {args.repeats} interleaved repeats\n")
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}; median of {args.repeats} interleaved repeats\n"
+        )
         conv_table(args.repeats)
         return adam_table(args.repeats)
     runner = Runner(NETS[args.net], args.variant, args.batch, args.resolution, torch.device("cpu"))
@@ -116,8 +118,10 @@ def run(args: argparse.Namespace) -> None:
         runner.step()
     rows = top_ops(prof, args.top)
     total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3
-    print(f"profile: net {args.net}, variant {args.variant}, batch {args.batch}, {args.resolution}x{args.resolution}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; total self CPU {total:.0f} ms\n")
+    print(
+        f"profile: net {args.net}, variant {args.variant}, batch {args.batch}, {args.resolution}x{args.resolution}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; total self CPU {total:.0f} ms\n"
+    )
     print("| operator | self time | self ms | calls |")
     print("| --- | ---: | ---: | ---: |")
     for name, ms, calls in rows:

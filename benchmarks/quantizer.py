@@ -3,7 +3,7 @@
 One training step = nearest-code search + EMA update (+ dead-code check), at M=5, K=512, D=64 and
 N=8192 vectors per codebook, fp32 on CPU. Variants, timed side by side in one process, interleaved:
 
-- batched: `lightning_dq.quantize.Codebook` with all M codebooks in one computation;
+- batched: `lightning_dq.nn.codebook.Codebook` with all M codebooks in one computation;
 - loop (same maths): M separate single-codebook `Codebook`s called in a Python loop;
 - loop (one-hot): the official code's style, per codebook: full squared distances, an (N, K) one-hot
   matrix for the EMA statistics (what our rules forbid).
@@ -35,14 +35,14 @@ M, K, D, N = 5, 512, 64, 8192
 def batched_step(cbs: list[Codebook], x: torch.Tensor) -> None:
     cb = cbs[0]
     codes = cb.nearest(x)  # (M, N)
-    cb.update(x, codes)
+    cb.update(x, codes, torch.isfinite(x).all())
     cb.dead_codes()
 
 
 def loop_step(cbs: list[Codebook], x: torch.Tensor) -> None:
     for m, cb in enumerate(cbs):
         xm = x[m : m + 1]  # (1, N, D)
-        cb.update(xm, cb.nearest(xm))
+        cb.update(xm, cb.nearest(xm), torch.isfinite(xm).all())
         cb.dead_codes()
 
 
@@ -127,8 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_of:
         return memory_child(args.memory_of, args.n)
     repeats = 8 if args.quick else args.repeats
-    print(f"M={M} K={K} D={D} fp32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"median of {repeats} interleaved repeats\n")
+    print(
+        f"M={M} K={K} D={D} fp32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"median of {repeats} interleaved repeats\n"
+    )
     print("| N vectors / codebook | variant | ms / step | time vs batched | peak RSS growth (MB) |")
     print("| ---: | --- | ---: | ---: | ---: |")
     # N=8192: the size; N=512: the README preset's top level (2x2 codes at batch 128)

@@ -6,9 +6,8 @@ Variants (each its own copy of the same initial weights, its own Adam), interlea
 - `fp32`: fp32 eager, contiguous (NCHW) tensors: the reference;
 - `fp32-cl`: fp32 eager, channels_last;
 - `bf16-cl`: bf16 autocast forced on + channels_last (the quantizer and the likelihood stay fp32);
-- `default`: what `AutoEncoderModule` runs under the shipped config (`precision: bf16-mixed`,
-  `channels_last: true`): bf16 autocast where the device computes bf16 natively, fp32 where bf16 would be
-  emulated (see `lightning_dq.autoencoder.bf16_is_native`);
+- `default`: what `AutoEncoderModule` runs under the shipped config (the precision policy, `channels_last: true`):
+  bf16 autocast where bf16 is fast on the device, fp32 elsewhere (`lightning_dq.training.precision`);
   Its Adam takes configs/base.yaml's arguments (the other variants: the paper's Adam(lr=2e-4));
 - `compile`: `default` with `AutoEncoderModule(compile=True)` (compile time excluded, reported apart).
 
@@ -46,10 +45,11 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder, count_parameters
-from lightning_dq.autoencoder import bf16_is_native
 from lightning_dq.data import ImageDataModule
+from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder, count_parameters
+from lightning_dq.nn.figures import bits_per_dim
 from lightning_dq.training.modules import AutoEncoderModule
+from lightning_dq.training.precision import fast_bf16
 
 NETS = {  # README preset = configs/base.yaml's model; demo = configs/demo.yaml's net
     "readme": dict(channels=256, res_blocks=3, res_channels=256, coder_blocks=2, code_dim=64, num_codebooks=5),
@@ -57,7 +57,7 @@ NETS = {  # README preset = configs/base.yaml's model; demo = configs/demo.yaml'
 }
 VARIANTS = ("fp32", "fp32-cl", "bf16-cl", "default", "compile")
 BETA, CLIP, LR = 0.25, 2.0, 2e-4  # configs/base.yaml: beta, gradient_clip_val; default optimizer: Adam lr 2e-4
-DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg75"  # ../shared/data
+DATA_ROOT: Path | None = None  # --data-root: a folder holding cifar-10-batches-py (else synthetic images)
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
 
 
@@ -165,19 +165,23 @@ class Runner:
 
     def __post_init__(self) -> None:
         torch.manual_seed(self.seed)  # identical weights and batch for every variant
-        net = HierarchicalAutoEncoder(**self.net_kwargs, emulated_bf16=self.variant == "bf16-cl")
+        net = HierarchicalAutoEncoder(**self.net_kwargs)
         module = AutoEncoderModule(net, channels_last=self.variant != "fp32", compile=self.variant == "compile")
         self.module = module.to(self.device).train()
         adam = shipped_adam() if self.variant in ("default", "compile") else {"lr": LR}
         self.optimizer = torch.optim.Adam(self.module.parameters(), **adam)
-        self.x = torch.randint(0, 256, (self.batch, 3, self.resolution, self.resolution), dtype=torch.uint8,
-                               device=self.device)  # fmt: skip
-        self.autocast = self.variant in ("bf16-cl", "default", "compile")  # as Lightning's bf16-mixed does
+        self.x = torch.randint(
+            0, 256, (self.batch, 3, self.resolution, self.resolution), dtype=torch.uint8, device=self.device
+        )
+        # "default" is what the precision policy picks for the device (bf16-mixed only where bf16 is fast)
+        self.autocast = self.variant == "bf16-cl" or (
+            self.variant in ("default", "compile") and fast_bf16(self.device.type)
+        )
 
     def loss(self, x: Tensor) -> Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.module(x)
-        return out.recon.mean() + BETA * out.commitment  # () nats/dim + beta * commitment, fp32
+        return out.loss(BETA)  # () nats/dim + beta * commitment, fp32
 
     def step(self) -> float:
         """One optimizer step on the fixed batch; returns its wall time in seconds."""
@@ -211,7 +215,7 @@ def flops_per_image(net_kwargs: dict, resolution: int, device: torch.device) -> 
     x = torch.randint(0, 256, (2, 3, resolution, resolution), dtype=torch.uint8, device=device)
     with FlopCounterMode(display=False) as counter:
         out = module(x)
-        (out.recon.mean() + BETA * out.commitment).backward()
+        out.loss(BETA).backward()
     return counter.get_total_flops() / 2
 
 
@@ -231,8 +235,8 @@ def matmul_flops(dtype: torch.dtype, size: int, device: torch.device) -> float:
 
 def data_module(batch: int, resolution: int, synthetic: int, stage: str = "fit") -> ImageDataModule:
     """ImageDataModule (0 workers, as configs/cifar10.yaml) set up for `stage` ("fit" or "test"): CIFAR-10
-    from ../shared/data/cifar10-jpeg75 when present, else `synthetic` synthetic images in that split."""
-    if (DATA_ROOT / "cifar-10-batches-py").is_dir():
+    from --data-root when given, else `synthetic` synthetic images in that split."""
+    if DATA_ROOT is not None:
         dm = ImageDataModule("cifar10", root=str(DATA_ROOT), batch_size=batch, num_workers=0, resolution=resolution)
     else:
         count = {"synthetic_train" if stage == "fit" else "synthetic_test": synthetic}
@@ -270,9 +274,20 @@ def measure(args: argparse.Namespace, resolution: int, device: torch.device) -> 
     rows = []
     for r in runners:
         ips = args.batch / statistics.median(r.times)
-        rows.append(dict(variant=r.variant, resolution=resolution, images_s=ips, peak_mb=statistics.median(r.peaks),
-                         flops=flops, achieved=flops * ips, mm_bf16=mm["bf16"], mm_fp32=mm["fp32"],
-                         compile_s=r.compile_s, spread=(min(r.times), max(r.times))))  # fmt: skip
+        rows.append(
+            dict(
+                variant=r.variant,
+                resolution=resolution,
+                images_s=ips,
+                peak_mb=statistics.median(r.peaks),
+                flops=flops,
+                achieved=flops * ips,
+                mm_bf16=mm["bf16"],
+                mm_fp32=mm["fp32"],
+                compile_s=r.compile_s,
+                spread=(min(r.times), max(r.times)),
+            )
+        )
     base = next((row["images_s"] for row in rows if row["variant"] == "fp32"), None)
     for row in rows:
         row["ratio"] = row["images_s"] / base if base else float("nan")
@@ -293,7 +308,7 @@ def parity(args: argparse.Namespace, device: torch.device) -> list[str]:
             runner.step()
         runner.module.eval()
         with torch.no_grad():
-            bpd = runner.module.net(data[-1]).recon.mean().item() / 0.6931471805599453
+            bpd = bits_per_dim(runner.module.net(data[-1]).recon.mean().item())
         lines.append(f"| {variant} | {args.parity_steps} | {bpd:.4f} |")
     return lines
 
@@ -304,8 +319,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
     parser.add_argument("--resolution", type=int, nargs="+", default=[32, 64])
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
-                        help="default: fp32 fp32-cl default (+ bf16-cl where bf16 is native)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=None,
+        help="default: fp32 fp32-cl default (+ bf16-cl where bf16 is native)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--matmul-size", type=int, default=None, help="side of the reference matmul")
     parser.add_argument("--loader-batches", type=int, default=20)
@@ -314,50 +334,65 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parity-resolution", type=int, default=16)
     parser.add_argument("--parity-variants", nargs="+", choices=VARIANTS, default=["fp32", "default", "bf16-cl"])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--data-root", default=None, help="folder holding cifar-10-batches-py (default: synthetic)")
     parser.add_argument("--docs", help="markdown file whose train_step section gets this run's output")
     args = parser.parse_args(argv)
     run_with_docs(run, args, "train_step")
 
 
 def run(args: argparse.Namespace) -> None:
+    global DATA_ROOT
+    DATA_ROOT = Path(args.data_root) if args.data_root else None
     device = torch.device(args.device)
     exact_rss()
     if args.threads:
         torch.set_num_threads(args.threads)
-    native = bf16_is_native(device)
+    native = fast_bf16(device.type)
     if args.variants is None:
         args.variants = ["fp32", "fp32-cl", "default"] + (["bf16-cl"] if native else [])
     if args.matmul_size is None:  # emulated bf16 runs at ~1/20 of fp32: keep its reference multiply short
         args.matmul_size = 8192 if device.type == "cuda" else (2048 if native else 512)
     params = count_parameters(HierarchicalAutoEncoder(**NETS[args.net]))
-    print(f"net {args.net} ({params:,} parameters), device {device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, bf16 native: {native}, batch {args.batch}, "
-          f"median of {args.repeats} interleaved repeats after a warm-up step; matmul {args.matmul_size}^2\n")
-    print("| resolution | variant | images/s | ms/image | vs fp32 | peak MB | GFLOP/image | achieved GFLOP/s "
-          "| of bf16 matmul | of fp32 matmul | compile s |")
+    print(
+        f"net {args.net} ({params:,} parameters), device {device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, bf16 fast: {native}, batch {args.batch}, "
+        f"median of {args.repeats} interleaved repeats after a warm-up step; matmul {args.matmul_size}^2\n"
+    )
+    print(
+        "| resolution | variant | images/s | ms/image | vs fp32 | peak MB | GFLOP/image | achieved GFLOP/s "
+        "| of bf16 matmul | of fp32 matmul | compile s |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     speedup = None
     for resolution in args.resolution:
         rows = measure(args, resolution, device)
         for r in rows:
             ratio = f"{r['ratio']:.2f}x" if math.isfinite(r["ratio"]) else "n/a"
-            print(f"| {resolution}x{resolution} | {r['variant']} | {r['images_s']:.2f} | {1e3 / r['images_s']:.0f} "
-                  f"| {ratio} | {r['peak_mb']:.0f} | {r['flops'] / 1e9:.1f} | {r['achieved'] / 1e9:.1f} "
-                  f"| {r['achieved'] / r['mm_bf16']:.0%} | {r['achieved'] / r['mm_fp32']:.0%} "
-                  f"| {r['compile_s']:.0f} |")  # fmt: skip
+            print(
+                f"| {resolution}x{resolution} | {r['variant']} | {r['images_s']:.2f} | {1e3 / r['images_s']:.0f} "
+                f"| {ratio} | {r['peak_mb']:.0f} | {r['flops'] / 1e9:.1f} | {r['achieved'] / 1e9:.1f} "
+                f"| {r['achieved'] / r['mm_bf16']:.0%} | {r['achieved'] / r['mm_fp32']:.0%} "
+                f"| {r['compile_s']:.0f} |"
+            )
             if resolution == 32 and r["variant"] == "default" and math.isfinite(r["ratio"]):
                 speedup = r["ratio"]
         mm = rows[0]
-        print(f"| {resolution}x{resolution} | matmul {args.matmul_size}^2 | bf16 {mm['mm_bf16'] / 1e9:.1f} GFLOP/s "
-              f"| fp32 {mm['mm_fp32'] / 1e9:.1f} GFLOP/s | | | | | | | |")
+        print(
+            f"| {resolution}x{resolution} | matmul {args.matmul_size}^2 | bf16 {mm['mm_bf16'] / 1e9:.1f} GFLOP/s "
+            f"| fp32 {mm['mm_fp32'] / 1e9:.1f} GFLOP/s | | | | | | | |"
+        )
     for resolution in args.resolution:  # the loader runs on the host CPU whatever the device
         if args.loader_batches:
             ips, description = loader_images_per_s(args.batch, resolution, args.loader_batches)
-            print(f"\ndata loader ({description}), {resolution}x{resolution}, batch {args.batch}, 0 workers: "
-                  f"{ips:,.0f} images/s")
+            print(
+                f"\ndata loader ({description}), {resolution}x{resolution}, batch {args.batch}, 0 workers: "
+                f"{ips:,.0f} images/s"
+            )
     if args.parity_steps:
-        print(f"\nparity (demo net, batch {args.parity_batch} at {args.parity_resolution}x{args.parity_resolution}, "
-              "same seed, same training batches; bits/dim of a held-out batch, evaluated in fp32)\n")
+        print(
+            f"\nparity (demo net, batch {args.parity_batch} at {args.parity_resolution}x{args.parity_resolution}, "
+            "same seed, same training batches; bits/dim of a held-out batch, evaluated in fp32)\n"
+        )
         print("| variant | steps | bits/dim |\n| --- | ---: | ---: |")
         print("\n".join(parity(args, device)))
     if speedup is not None:

@@ -1,15 +1,21 @@
-"""Shared helpers of the experiment scripts: statistics (entropy, correlation, mean +- std), the data and
-net settings read from `configs/`, saving and loading trained nets, and markdown/JSON output.
+"""Shared helpers of the experiment scripts: statistics, training runs through the framework's CLI, the trained
+nets and images of a run, and markdown/JSON output.
 
-The experiment scripts import this file as `common` (they put their own folder on `sys.path`), so each
-script still runs as `python experiments/<name>.py` and loads with importlib in the tests.
+Every run is a `lightning-dq fit` of configs/base.yaml + configs/experiments.yaml in its own run directory (config,
+metric record, checkpoints, W&B run as any other run), resumed with `--ckpt_path last` when it was interrupted. The
+scripts import this file as `common` (they put their own folder on `sys.path`), so each runs as
+`python experiments/<name>.py` and loads with importlib in the tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
-import math
+import os
+import statistics
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,182 +24,142 @@ import torch
 import yaml
 from torch import Tensor
 
-from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder
 from lightning_dq.data import ImageDataModule
-from lightning_dq.errors import CheckpointError, ConfigError, DataNotFoundError
+from lightning_dq.errors import CheckpointError
+from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder
+from lightning_dq.training.modules import read_autoencoder
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data" / "cifar10-jpeg75"  # ../shared/data/cifar10-jpeg75
+CONFIGS = [str(REPO / "configs" / "base.yaml"), str(REPO / "configs" / "experiments.yaml")]
 DATA_NOTE = (
-    "cifar10-jpeg75: CIFAR-10 decoded from JPEG quality 75, a different and easier distribution; its bits/dim "
-    "are NOT comparable with any published CIFAR-10 number (only comparisons on the same data mean anything)"
+    "cifar10-jpeg75: CIFAR-10 decoded from JPEG quality 75, a different and easier distribution; its bits/dim are NOT "
+    "comparable with any published CIFAR-10 number (only comparisons on the same data mean anything)"
 )
-
-# ---------------------------------------------------------------------------------------------------
-# statistics
-# ---------------------------------------------------------------------------------------------------
+# --smoke: a tiny net on 16x16 synthetic images (NOT real images), a few steps
+SMOKE = {
+    "data.init_args.dataset": "synthetic",
+    "data.init_args.resolution": 16,
+    "data.init_args.native_resolution": 16,
+    "data.init_args.val_size": 16,
+    "data.init_args.synthetic_train": 112,
+    "data.init_args.synthetic_test": 16,
+    "data.init_args.batch_size": 8,
+    "trainer.limit_val_batches": 2,
+    "model.init_args.net.init_args.channels": 8,
+    "model.init_args.net.init_args.res_channels": 4,
+    "model.init_args.net.init_args.codebook_sizes": "[8, 8, 8]",
+    "model.init_args.net.init_args.num_mixtures": 2,
+}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1 in the denominator; 0.0 for a single value)."""
     if len(values) == 0:
         raise ValueError("mean_std needs at least one value")
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, std
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def fmt_mean_std(values: Sequence[float], digits: int = 3) -> str:
-    """'mean ± std (n)' for a markdown table."""
+    """'mean ± std' for a markdown table."""
     mean, std = mean_std(values)
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def entropy_bits(counts: Tensor) -> Tensor:
     """Shannon entropy in bits of histograms `(..., K)` -> `(...)`; empty bins contribute 0."""
-    counts = counts.double()
-    probs = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1e-300)  # (..., K)
-    logs = torch.where(probs > 0, probs.log2(), torch.zeros_like(probs))
-    return -(probs * logs).sum(dim=-1)
+    probs = counts.double() / counts.double().sum(dim=-1, keepdim=True).clamp_min(1e-300)  # (..., K)
+    return torch.special.entr(probs).sum(dim=-1) / torch.log(torch.tensor(2.0, dtype=torch.float64))
 
 
 def correlation_matrix(x: Tensor) -> Tensor:
-    """Pearson correlation between the columns of `x` `(N, V)` -> `(V, V)`.
-
-    A column with zero variance has no defined correlation: its row and column are NaN (and the
-    diagonal is 1 only for columns that vary).
-    """
+    """Pearson correlation between the columns of `x` `(N, V)` -> `(V, V)`; a constant column has none (NaN)."""
     if x.dim() != 2 or x.shape[0] < 2:
         raise ValueError(f"correlation_matrix needs (N >= 2, V) samples, got shape {tuple(x.shape)}")
-    x = x.double()
-    centred = x - x.mean(dim=0, keepdim=True)  # (N, V)
-    cov = centred.T @ centred  # (V, V), unnormalised
-    std = cov.diagonal().sqrt()  # (V,)
-    std = torch.where(std > 0, std, torch.full_like(std, float("nan")))
-    return cov / std.unsqueeze(0) / std.unsqueeze(1)
+    return torch.corrcoef(x.double().T)  # (V, V); 0/0 = NaN for a constant column
 
 
 def mean_abs_off_diagonal(corr: Tensor) -> float:
     """Mean |r| over the off-diagonal entries of a correlation matrix `(V, V)`, ignoring NaN entries."""
-    v = corr.shape[0]
-    if v < 2:
+    if corr.shape[0] < 2:
         raise ValueError("mean_abs_off_diagonal needs at least 2 variables")
-    off = corr[~torch.eye(v, dtype=torch.bool)].abs()
-    off = off[~off.isnan()]
-    return float(off.mean()) if off.numel() else float("nan")
+    return float(corr[~torch.eye(corr.shape[0], dtype=torch.bool)].abs().nanmean())
 
 
-# ---------------------------------------------------------------------------------------------------
-# settings, data and nets
-# ---------------------------------------------------------------------------------------------------
+def fit_run(run_dir: Path, overrides: dict[str, Any], threads: int = 1) -> None:
+    """`lightning-dq fit` of the experiments preset in `run_dir`, continuing from its last checkpoint if one exists;
+    the console output goes to `run_dir/fit.log`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args = [arg for path in CONFIGS for arg in ("--config", path)]
+    args += [f"--{key}={value}" for key, value in {"trainer.default_root_dir": run_dir, **overrides}.items()]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    with open(run_dir / "fit.log", "a") as log:
+        done = subprocess.run(
+            [sys.executable, "-m", "lightning_dq.cli", "fit", *args, "--ckpt_path=last"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    if done.returncode:
+        raise RuntimeError(f"training in {run_dir} failed (exit {done.returncode}): see {run_dir / 'fit.log'}")
 
 
-def read_config(name: str) -> dict[str, Any]:
-    """The YAML file configs/<name>.yaml as a dict."""
-    path = REPO / "configs" / f"{name}.yaml"
+def validation_points(run_dir: Path) -> list[dict[str, float]]:
+    """The validation rows of a run's metric record in order, each with `trained_steps`: the record's `step` is
+    Lightning's 0-based index of the last optimizer step, so a validation after k steps has step k - 1."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = [{k: float(v) for k, v in r.items() if v} for r in csv.DictReader(f)]
+    points = sorted((r for r in rows if "val/bpd_decoder" in r), key=lambda r: r["step"])
+    return [p | {"trained_steps": int(p["step"]) + 1} for p in points]
+
+
+def trained_net(run_dir: str | Path) -> HierarchicalAutoEncoder:
+    """The network of a run's last checkpoint, in eval mode."""
+    path = Path(run_dir) / "checkpoints" / "last.ckpt"
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    return yaml.safe_load(path.read_text())
+        raise CheckpointError(f"{path} does not exist: train the runs first (experiments/dq_vs_vq.py)")
+    return read_autoencoder(path)[0].eval()
 
 
-def demo_settings() -> tuple[dict[str, Any], float]:
-    """The demo net's constructor arguments and Adam learning rate from configs/demo.yaml."""
-    model = read_config("demo")["model"]["init_args"]
-    try:
-        return dict(model["net"]["init_args"]), float(model["optimizer"]["init_args"]["lr"])
-    except KeyError as err:
-        raise ConfigError(f"configs/demo.yaml lacks model.init_args.net/optimizer key {err}") from None
+def run_data(run_dir: str | Path) -> ImageDataModule:
+    """The data a run trained on, set up for fit (from its saved config)."""
+    config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    dm = ImageDataModule(**config["data"]["init_args"])
+    dm.setup("fit")
+    return dm
 
 
-def trained_nets_parser(doc: str, smoke_help: str) -> argparse.ArgumentParser:
-    """The arguments of every analysis of the nets `experiments/dq_vs_vq.py` trained: data, where the runs
-    are, which init, the output folder and the smoke switch."""
+def run_images(run_dir: str | Path, split: str, count: int) -> Tensor:
+    """The first `count` images (uint8 (N, 3, H, W), in dataset order) of a split of the data a run trained on: the
+    same held-out images for every script."""
+    dataset = getattr(run_data(run_dir), f"{split}_dataloader")().dataset
+    return dataset[list(range(min(count, len(dataset))))]
+
+
+def data_note(run_dir: str | Path) -> str:
+    """What the data of a run was, for a results page (with the warning when it is the JPEG-decoded CIFAR-10)."""
+    description = run_data(run_dir).data_description
+    return description + (f". Note: {DATA_NOTE}" if "jpeg75" in description else "")
+
+
+def analysis_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of every analysis of the runs experiments/dq_vs_vq.py trained: where they are, which init, and
+    the output folder (the data is the runs' own: their config.yaml)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    p.add_argument("--data-root", default=None, help="folder containing cifar-10-batches-py "
-                   "(default ../shared/data/cifar10-jpeg75 next to the repository)")  # fmt: skip
     p.add_argument("--runs", default="runs/exp/dq_vs_vq/runs", help="the runs/ folder of experiments/dq_vs_vq.py")
     p.add_argument("--init", choices=["default", "kaiming"], default="kaiming", help="init of the trained nets to use")
     p.add_argument("--out", required=True)
-    p.add_argument("--smoke", action="store_true", help=smoke_help)
     return p
 
 
-def resolve_data_root(data_root: str | None, smoke: bool) -> Path | None:
-    """The CIFAR-10 root to use: the argument, else ../shared/data/cifar10-jpeg75; None in smoke mode."""
-    if smoke:
-        return None
-    root = Path(data_root) if data_root else DEFAULT_DATA_ROOT
-    if not (root / "cifar-10-batches-py").is_dir() and root.name != "cifar-10-batches-py":
-        raise DataNotFoundError(
-            f"no CIFAR-10 under --data-root {root} (expected {root / 'cifar-10-batches-py'}); pass --data-root "
-            f"pointing at the folder that contains cifar-10-batches-py, or use --smoke for synthetic data"
-        )
-    return root
-
-
-def data_module(root: Path | None, batch_size: int, val_images: int, smoke: bool) -> ImageDataModule:
-    """CIFAR-10 (5,000 validation images held out with seed 0, the same for every run) or, with
-    `smoke`, 16x16 synthetic images (NOT real images)."""
-    if smoke:
-        return ImageDataModule(dataset="synthetic", batch_size=batch_size, num_workers=0, resolution=16,
-                               native_resolution=16, synthetic_train=96 + val_images, val_size=val_images,
-                               synthetic_test=16, seed=0)  # fmt: skip
-    return ImageDataModule(dataset="cifar10", root=str(root), batch_size=batch_size, num_workers=0, resolution=32,
-                           val_size=5000, seed=0)  # fmt: skip
-
-
-def smoke_net_kwargs() -> dict[str, Any]:
-    """A tiny net for --smoke runs on 16x16 images (M*D = 8)."""
-    return dict(channels=8, res_blocks=1, res_channels=4, code_dim=2, num_codebooks=4, codebook_sizes=[8, 8, 8],
-                num_mixtures=2)  # fmt: skip
-
-
-def save_net(path: Path, kwargs: dict[str, Any], net: HierarchicalAutoEncoder) -> None:
-    """Save a trained net as {"net_kwargs", "state_dict"} (rebuilt by `load_net`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"net_kwargs": kwargs, "state_dict": net.state_dict()}, path)
-
-
-def load_net(path: str | Path) -> tuple[HierarchicalAutoEncoder, dict[str, Any]]:
-    """A net saved by `save_net`, in eval mode, and its constructor arguments."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"net file {path} does not exist; run experiments/dq_vs_vq.py first (it writes net.pt)")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or not {"net_kwargs", "state_dict"} <= set(blob):
-        raise CheckpointError(f"{path} is not a net file written by experiments/dq_vs_vq.py (keys net_kwargs, "
-                              "state_dict)")  # fmt: skip
-    net = HierarchicalAutoEncoder(**blob["net_kwargs"])
-    net.load_state_dict(blob["state_dict"])
-    return net.eval(), dict(blob["net_kwargs"])
-
-
-def validation_images(root: Path | None, count: int, smoke: bool) -> Tensor:
-    """The first `count` validation images (uint8 (N, 3, H, W)), the same for every script and run."""
-    dm = data_module(root, batch_size=count, val_images=count, smoke=smoke)
-    dm.setup("fit")
-    return next(iter(dm.val_dataloader()))[:count]
-
-
-def train_images(root: Path | None, count: int, smoke: bool) -> Tensor:
-    """`count` training images in a fixed order (uint8 (N, 3, H, W))."""
-    dm = data_module(root, batch_size=count, val_images=16, smoke=smoke)
-    dm.setup("fit")
-    torch.manual_seed(0)
-    return next(iter(dm.train_dataloader()))[:count]
-
-
-# ---------------------------------------------------------------------------------------------------
-# output
-# ---------------------------------------------------------------------------------------------------
+def run_dir(runs: str | Path, mode: str, init: str, seed: int, m: int = 4) -> Path:
+    """The run directory of one run of experiments/dq_vs_vq.py's grid."""
+    return Path(runs) / f"{mode}_{init}_M{m}_seed{seed}"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A markdown table; the first column left-aligned, the others right-aligned."""
     lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 def write_outputs(out: Path, stem: str, data: dict[str, Any], markdown: str) -> None:

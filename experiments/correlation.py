@@ -2,7 +2,6 @@
 between the quantized sub-tensors of DQ vs VQ.
 
     .venv/bin/python experiments/correlation.py --runs runs/exp/dq_vs_vq/runs --out runs/exp/correlation
-    .venv/bin/python experiments/correlation.py --smoke --out /tmp/corr      # a smoke-trained pair, synthetic
 
 1. Encoder features (bottom-level encoder output (N, C, h, w) of held-out real images):
    - between channels: at each position, the Pearson correlation across images between every pair of
@@ -33,20 +32,23 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DATA_NOTE,
+    analysis_parser,
     correlation_matrix,
+    data_note,
     entropy_bits,
     fmt_mean_std,
-    load_net,
     markdown_table,
     mean_abs_off_diagonal,
-    resolve_data_root,
-    trained_nets_parser,
-    validation_images,
+    run_dir,
+    run_images,
+    trained_net,
     write_outputs,
 )
+from matplotlib.figure import Figure  # noqa: E402
 
-from lightning_dq.autoencoder import HierarchicalAutoEncoder  # noqa: E402
+from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder  # noqa: E402
+from lightning_dq.nn.codebook import code_histogram  # noqa: E402
+from lightning_dq.nn.heads import to_unit_range  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # statistics
@@ -80,7 +82,7 @@ def cross_slice_correlation(quantized: Tensor, m: int) -> tuple[float, Tensor]:
 def mutual_information_bits(a: Tensor, b: Tensor, k: int) -> float:
     """Plug-in mutual information (bits) between two code sequences a, b (N,) with values in 0..k-1:
     H(a) + H(b) - H(a, b) from the empirical joint histogram."""
-    joint = torch.bincount(a * k + b, minlength=k * k).view(k, k)  # (K, K)
+    joint = code_histogram((a * k + b).unsqueeze(0), k * k).view(k, k)  # (K, K)
     return float(entropy_bits(joint.sum(1)) + entropy_bits(joint.sum(0)) - entropy_bits(joint.flatten()))
 
 
@@ -89,13 +91,12 @@ def code_dependence(codes: Tensor, k: int) -> dict[str, float]:
     m = codes.shape[1]
     flat = codes.transpose(0, 1).reshape(m, -1)  # (M, N*h*w)
     pairs = [mutual_information_bits(flat[i], flat[j], k) for i in range(m) for j in range(i + 1, m)]
-    entropy = float(entropy_bits(torch.stack([torch.bincount(f, minlength=k) for f in flat])).mean())
+    entropy = float(entropy_bits(code_histogram(flat, k)).mean())
     return {"mi_bits": sum(pairs) / len(pairs) if pairs else float("nan"), "entropy_bits": entropy}
 
 
 def _nanmean(values: list[float]) -> float:
-    kept = [v for v in values if v == v]
-    return sum(kept) / len(kept) if kept else float("nan")
+    return float(torch.tensor(values, dtype=torch.float64).nanmean())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ def _nanmean(values: list[float]) -> float:
 def bottom_level(net: HierarchicalAutoEncoder, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Encoder features (N, C, h, w), quantized tensor (N, M*D, h, w) and codes (N, M, h, w) of the bottom level."""
     net.eval()
-    features = net.encoders[0](net.normalize(images))  # (N, C, h, w)
+    features = net.encoders[0](to_unit_range(images))  # (N, C, h, w)
     codes = net.encode(images)[-1]  # (N, M, h, w), bottom level is last (top first)
     return features, net.quantizers[0].embed_codes(codes), codes
 
@@ -121,23 +122,23 @@ def analyse(net: HierarchicalAutoEncoder, images: Tensor) -> tuple[dict[str, flo
     n, c, h, w = features.shape
     per_position = features.reshape(n, c, h * w).permute(2, 0, 1)  # (hw, N, C)
     per_channel = features.reshape(n, c, h * w).permute(1, 0, 2)  # (C, N, hw)
-    maps = {"channel": torch.stack([correlation_matrix(x).abs() for x in per_position]).nanmean(0),  # (C, C)
-            "spatial": torch.stack([correlation_matrix(x).abs() for x in per_channel]).nanmean(0),  # (hw, hw)
-            "quantized": q_corr}  # fmt: skip
+    maps = {
+        "channel": torch.stack([correlation_matrix(x).abs() for x in per_position]).nanmean(0),  # (C, C)
+        "spatial": torch.stack([correlation_matrix(x).abs() for x in per_channel]).nanmean(0),  # (hw, hw)
+        "quantized": q_corr,
+    }
     return figures, maps
 
 
 def plot_maps(maps: dict[str, dict[str, Tensor]], path: Path) -> None:
     """Heat maps of |r|: rows = nets, columns = channels, positions, quantized slices."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    titles = {"channel": "encoder: channels (mean over positions)",
-              "spatial": "encoder: positions (mean over channels)",
-              "quantized": "quantized bottom level: M*D channels"}  # fmt: skip
-    fig, axes = plt.subplots(len(maps), 3, figsize=(12, 3.9 * len(maps)), squeeze=False)
+    titles = {
+        "channel": "encoder: channels (mean over positions)",
+        "spatial": "encoder: positions (mean over channels)",
+        "quantized": "quantized bottom level: M*D channels",
+    }
+    fig = Figure(figsize=(12, 3.9 * len(maps)))
+    axes = fig.subplots(len(maps), 3, squeeze=False)
     for row, (label, net_maps) in enumerate(maps.items()):
         for col, key in enumerate(titles):
             image = axes[row][col].imshow(net_maps[key].abs().float().numpy(), vmin=0, vmax=1, cmap="viridis")
@@ -146,7 +147,6 @@ def plot_maps(maps: dict[str, dict[str, Tensor]], path: Path) -> None:
             axes[row][col].set_yticks([])
     fig.colorbar(image, ax=axes, shrink=0.6, label="|Pearson r|")
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def plot_maps(maps: dict[str, dict[str, Tensor]], path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = trained_nets_parser(__doc__, smoke_help="synthetic 16x16 images (the nets must be smoke nets)")
+    p = analysis_parser(__doc__)
     p.add_argument("--seeds", type=int, default=3, help="training seeds to analyse (mean ± std over them)")
     p.add_argument("--images", type=int, default=1000, help="held-out images")
     args = p.parse_args(argv)
@@ -166,40 +166,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    root = resolve_data_root(args.data_root, args.smoke)
-    if args.smoke:
-        args.images = min(args.images, 16)
-    print(f"[correlation] budget: forward passes of {args.images} images through {2 * args.seeds + 1} nets; "
-          "no training", flush=True)
-    images = validation_images(root, args.images, args.smoke)
+    first = run_dir(args.runs, "dq", args.init, 0)
+    images = run_images(first, "val", args.images)
+    args.images = len(images)
+    print(
+        f"[correlation] budget: forward passes of {args.images} images through {2 * args.seeds + 1} nets; no training"
+    )
     per_net: dict[str, list[dict[str, float]]] = {}
     maps: dict[str, dict[str, Tensor]] = {}
-    kwargs = None
     for seed in range(args.seeds):
         for mode in ("dq", "vq"):
-            net, kwargs = load_net(Path(args.runs) / f"{mode}_{args.init}_M4_seed{seed}" / "net.pt")
+            net = trained_net(run_dir(args.runs, mode, args.init, seed))
             figures, net_maps = analyse(net, images)
             per_net.setdefault(f"trained {mode}", []).append(figures)
             if seed == 0:
                 maps[f"trained {mode} (seed 0)"] = net_maps
     torch.manual_seed(1234)
-    figures, net_maps = analyse(HierarchicalAutoEncoder(**dict(kwargs, mode="dq")), images)
+    figures, net_maps = analyse(HierarchicalAutoEncoder(**dict(net.config, mode="dq")), images)
     per_net["random init, dq"] = [figures]
     maps["random init, dq"] = net_maps
-    keys = [("channel", "encoder: mean abs(r) between channels"),
-            ("spatial", "encoder: mean abs(r) between positions"),
-            ("cross_slice", "quantized: mean abs(r) across slices"), ("mi_bits", "codes: MI between codebooks (bits)"),
-            ("entropy_bits", "codes: entropy per codebook (bits)")]  # fmt: skip
-    rows = [[label, len(runs)] + [fmt_mean_std([r[k] for r in runs]) for k, _ in keys]
-            for label, runs in per_net.items()]
-    md = "\n".join([
-        "# Correlation: channels vs positions, DQ vs VQ sub-tensors (experiments/correlation.py)", "",
-        f"{args.images} held-out images; bottom level ({net.quantizers[0].num_codebooks} codebooks of "
-        f"{net.quantizers[0].codebook_size} codes); mean ± std over training seeds.", "",
-        "SMOKE RUN: synthetic images." if args.smoke else f"Data: {DATA_NOTE}.", "",
-        markdown_table(["net", "seeds", *[t for _, t in keys]], rows), "",
-        "![correlation heat maps](correlation_maps.png)",
-    ])  # fmt: skip
+    keys = [
+        ("channel", "encoder: mean abs(r) between channels"),
+        ("spatial", "encoder: mean abs(r) between positions"),
+        ("cross_slice", "quantized: mean abs(r) across slices"),
+        ("mi_bits", "codes: MI between codebooks (bits)"),
+        ("entropy_bits", "codes: entropy per codebook (bits)"),
+    ]
+    rows = [
+        [label, len(runs)] + [fmt_mean_std([r[k] for r in runs]) for k, _ in keys] for label, runs in per_net.items()
+    ]
+    md = "\n".join(
+        [
+            "# Correlation: channels vs positions, DQ vs VQ sub-tensors (experiments/correlation.py)",
+            "",
+            f"{args.images} held-out images; bottom level ({net.quantizers[0].num_codebooks} codebooks of "
+            f"{net.quantizers[0].codebook_size} codes); mean ± std over training seeds.",
+            "",
+            f"Data: {data_note(first)}.",
+            "",
+            markdown_table(["net", "seeds", *[t for _, t in keys]], rows),
+            "",
+            "![correlation heat maps](correlation_maps.png)",
+        ]
+    )
     summary = {"args": vars(args), "figures": per_net}
     out = Path(args.out)
     write_outputs(out, "correlation", summary, md)

@@ -2,7 +2,6 @@
 to VQ (the paper's Fig. 4 analogue).
 
     .venv/bin/python experiments/level_decoding.py --runs runs/exp/dq_vs_vq/runs --out runs/exp/level_decoding
-    .venv/bin/python experiments/level_decoding.py --runs /tmp/smoke/runs --smoke --out /tmp/levels
 
 For the trained DQ and VQ nets of one seed of experiments/dq_vs_vq.py: rows = original images, all levels,
 then each level alone (top first), decoded with `HierarchicalAutoEncoder.decode(codes, keep_levels=[i])`
@@ -21,18 +20,13 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    DATA_NOTE,
-    load_net,
-    markdown_table,
-    resolve_data_root,
-    trained_nets_parser,
-    validation_images,
-    write_outputs,
-)
+from common import analysis_parser, data_note, markdown_table, run_dir, run_images, trained_net, write_outputs  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
 
-from lightning_dq.autoencoder import HierarchicalAutoEncoder  # noqa: E402
-from lightning_dq.likelihood import head_reconstruct  # noqa: E402
+from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder  # noqa: E402
+from lightning_dq.nn.figures import reconstruction_mse  # noqa: E402
+from lightning_dq.nn.heads import head_reconstruct  # noqa: E402
 
 
 @torch.no_grad()
@@ -41,24 +35,21 @@ def level_reconstructions(net: HierarchicalAutoEncoder, images: Tensor) -> dict[
     net.eval()
     codes = net.encode(images)  # per level, top first: (N, M, h, w)
     rows = {"all levels": None, **{f"level {i} alone": [i] for i in range(net.num_levels)}}
-    return {name: head_reconstruct(net.head, net.decode(codes, keep_levels=keep), net.num_mixtures)
-            for name, keep in rows.items()}  # fmt: skip
+    return {
+        name: head_reconstruct(net.head, net.decode(codes, keep_levels=keep), net.num_mixtures)
+        for name, keep in rows.items()
+    }
 
 
 def mse(a: Tensor, b: Tensor) -> float:
     """Mean squared error of two uint8 image batches in [0, 1] pixel units."""
-    return float(((a.float() - b.float()) / 255.0).pow(2).mean())
+    return float(reconstruction_mse(a, b).mean())
 
 
 def plot_grid(panels: dict[str, tuple[Tensor, dict[str, Tensor]]], path: Path, show: int) -> None:
     """One column per net: rows = originals, then each reconstruction row; `show` images per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from torchvision.utils import make_grid
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5.5), squeeze=False)
+    fig = Figure(figsize=(6 * len(panels), 5.5))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (label, (originals, recons)) in zip(axes[0], panels.items(), strict=True):
         rows = [originals[:show]] + [r[:show] for r in recons.values()]
         grid = make_grid(torch.cat(rows), nrow=show, padding=2, pad_value=255)  # (3, H', W') uint8
@@ -69,11 +60,10 @@ def plot_grid(panels: dict[str, tuple[Tensor, dict[str, Tensor]]], path: Path, s
         ax.set_title(label)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = trained_nets_parser(__doc__, smoke_help="synthetic 16x16 images (the nets must be smoke nets)")
+    p = analysis_parser(__doc__)
     p.add_argument("--seed", type=int, default=0, help="training seed of the nets to show")
     p.add_argument("--images", type=int, default=256, help="held-out images of the MSE table")
     p.add_argument("--show", type=int, default=8, help="images per row of the grid")
@@ -85,32 +75,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    root = resolve_data_root(args.data_root, args.smoke)
-    if args.smoke:
-        args.images = min(args.images, 16)
-    args.show = min(args.show, args.images)
-    print(f"[level_decoding] budget: {args.images} held-out images through 2 nets, 1 + levels decodes each; "
-          "no training", flush=True)
-    images = validation_images(root, args.images, args.smoke)
+    first = run_dir(args.runs, "dq", args.init, args.seed)
+    images = run_images(first, "val", args.images)
+    args.images, args.show = len(images), min(args.show, len(images))
+    print(
+        f"[level_decoding] budget: {args.images} held-out images through 2 nets, 1 + levels decodes each; no training"
+    )
     panels, table = {}, {}
     for mode in ("dq", "vq"):
-        net, _ = load_net(Path(args.runs) / f"{mode}_{args.init}_M4_seed{args.seed}" / "net.pt")
-        recons = level_reconstructions(net, images)
+        recons = level_reconstructions(trained_net(run_dir(args.runs, mode, args.init, args.seed)), images)
         panels[f"{mode.upper()} (init {args.init}, seed {args.seed})"] = (images, recons)
         table[mode] = {name: mse(r, images) for name, r in recons.items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot_grid(panels, out / "level_decoding.png", args.show)
     names = list(table["dq"])
-    md = "\n".join([
-        "# Each level decoded alone (experiments/level_decoding.py)", "",
-        "SMOKE RUN: synthetic images." if args.smoke else f"Data: {DATA_NOTE}.", "",
-        f"Reconstruction MSE (pixels in [0, 1]) over {args.images} held-out images; levels are numbered top (0, "
-        "coarsest) first; a level 'alone' has the other levels' quantized tensors replaced by zeros.", "",
-        markdown_table(["decoded from", "DQ", "VQ"], [[n, f"{table['dq'][n]:.4f}", f"{table['vq'][n]:.4f}"]
-                                                     for n in names]), "",
-        "![levels](level_decoding.png)",
-    ])  # fmt: skip
+    md = "\n".join(
+        [
+            "# Each level decoded alone (experiments/level_decoding.py)",
+            "",
+            f"Data: {data_note(first)}.",
+            "",
+            f"Reconstruction MSE (pixels in [0, 1]) over {args.images} held-out images; levels are numbered top (0, "
+            "coarsest) first; a level 'alone' has the other levels' quantized tensors replaced by zeros.",
+            "",
+            markdown_table(
+                ["decoded from", "DQ", "VQ"], [[n, f"{table['dq'][n]:.4f}", f"{table['vq'][n]:.4f}"] for n in names]
+            ),
+            "",
+            "![levels](level_decoding.png)",
+        ]
+    )
     summary = {"args": vars(args), "mse": table}
     write_outputs(out, "level_decoding", summary, md)
     print(md)

@@ -18,28 +18,67 @@ from pathlib import Path
 # Tags: READ = read in the cited source; PwC = paperswithcode transcription; RECALLED = unverified;
 # INFERRED = our reasoning; SECONDARY = from an unverified summary of the DQ paper.
 PUBLISHED = [
-    ('PixelCNN++ (AR)', '2.92', '-', '-', '53M [RECALLED]',
-     'Salimans et al. 2017 [1]; github.com/openai/pixel-cnn README [READ]'),
-    ('PixelSNAIL (AR)', '2.85', '3.80 (old)', '-', '-',
-     'Chen et al. 2018 [2], abstract [READ]; version [INFERRED]'),
-    ('Image Transformer (AR)', '2.90', '3.77 (old)', '-', '-',
-     'Parmar et al. 2018 [3] [PwC]'),
-    ('Sparse Transformer (AR)', '2.80', '-', '3.44 (old)', '59M',
-     'Child et al. 2019 [4] [PwC]; version [INFERRED]'),
-    ('NVAE (hierarchical VAE)', '2.91', '3.92 (old) [RECALLED]', '-', '-',
-     'Vahdat & Kautz 2020 [5]; github.com/NVlabs/NVAE README [READ]; IW bound'),
-    ('VDVAE (hierarchical VAE)', '2.87', '3.80 (old)', '3.52 (old)', '39M / 119M / 125M',
-     'Child 2021 [6]; github.com/openai/vdvae README [READ]; negative ELBO'),
-    ('Efficient-VDVAE', '2.87', '3.58 (new)', '3.30 (new)', '-',
-     "Hazami et al. 2022 [7]; its official repository's README [READ]"),
-    ('DenseFlow-74-10 (flow)', '2.98', '3.63 (new)', '3.35 (new)', '~130M',
-     "Grcić et al. 2021 [8] [PwC]; its official repository's README [READ]"),
-    ('VDM (diffusion)', '2.65', '3.72 (old) [RECALLED]', '3.40 (old)', '-',
-     'Kingma et al. 2021 [9] [PwC]; github.com/google-research/vdm README'),
-    ('DQ-AE, as claimed', '2.52', '3.12', '2.89', '22M claimed',
-     "Fostiropoulos & Boehm 2022 [10] [SECONDARY: not checked against the paper's PDF]; most likely "
-     'figure A (decoder only, code cost unpaid): not a bound'),
-]  # fmt: skip
+    (
+        "PixelCNN++ (AR)",
+        "2.92",
+        "-",
+        "-",
+        "53M [RECALLED]",
+        "Salimans et al. 2017 [1]; github.com/openai/pixel-cnn README [READ]",
+    ),
+    ("PixelSNAIL (AR)", "2.85", "3.80 (old)", "-", "-", "Chen et al. 2018 [2], abstract [READ]; version [INFERRED]"),
+    ("Image Transformer (AR)", "2.90", "3.77 (old)", "-", "-", "Parmar et al. 2018 [3] [PwC]"),
+    ("Sparse Transformer (AR)", "2.80", "-", "3.44 (old)", "59M", "Child et al. 2019 [4] [PwC]; version [INFERRED]"),
+    (
+        "NVAE (hierarchical VAE)",
+        "2.91",
+        "3.92 (old) [RECALLED]",
+        "-",
+        "-",
+        "Vahdat & Kautz 2020 [5]; github.com/NVlabs/NVAE README [READ]; IW bound",
+    ),
+    (
+        "VDVAE (hierarchical VAE)",
+        "2.87",
+        "3.80 (old)",
+        "3.52 (old)",
+        "39M / 119M / 125M",
+        "Child 2021 [6]; github.com/openai/vdvae README [READ]; negative ELBO",
+    ),
+    (
+        "Efficient-VDVAE",
+        "2.87",
+        "3.58 (new)",
+        "3.30 (new)",
+        "-",
+        "Hazami et al. 2022 [7]; its official repository's README [READ]",
+    ),
+    (
+        "DenseFlow-74-10 (flow)",
+        "2.98",
+        "3.63 (new)",
+        "3.35 (new)",
+        "~130M",
+        "Grcić et al. 2021 [8] [PwC]; its official repository's README [READ]",
+    ),
+    (
+        "VDM (diffusion)",
+        "2.65",
+        "3.72 (old) [RECALLED]",
+        "3.40 (old)",
+        "-",
+        "Kingma et al. 2021 [9] [PwC]; github.com/google-research/vdm README",
+    ),
+    (
+        "DQ-AE, as claimed",
+        "2.52",
+        "3.12",
+        "2.89",
+        "22M claimed",
+        "Fostiropoulos & Boehm 2022 [10] [SECONDARY: not checked against the paper's PDF]; most likely "
+        "figure A (decoder only, code cost unpaid): not a bound",
+    ),
+]
 
 
 REFERENCES = """\
@@ -75,8 +114,10 @@ def our_rows(runs: list[str]) -> list[str]:
         path = Path(run)
         path = path / "evaluation.json" if path.is_dir() else path
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no evaluation.json; run `lightning-dq test ... --ckpt_path=<ckpt>` "
-                                    f"with trainer.default_root_dir={path.parent} first")  # fmt: skip
+            raise FileNotFoundError(
+                f"{path}: no evaluation.json; run `lightning-dq test ... --ckpt_path=<ckpt>` "
+                f"with trainer.default_root_dir={path.parent} first"
+            )
         r = json.loads(path.read_text())
         f = r["figures"]
         params = f"{r['autoencoder_parameters'] / 1e6:.2f}M"

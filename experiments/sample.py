@@ -58,9 +58,21 @@ def sample(
         id_file = run_dir / RUN_ID_FILE  # attach to the experiment's run when there is one
         run_id = id_file.read_text().strip() if id_file.is_file() else None
         mode = "online" if os.environ.get("WANDB_MODE") == "online" else "offline"
-        run = wb.init(project="lightning-dq", job_type="sample", dir=str(run_dir), id=run_id, resume="allow", mode=mode,
-                      config={"checkpoint": str(checkpoint), "resolution": resolution, "temperature": temperature,
-                              "seed": seed, "num_images": num_images})  # fmt: skip
+        run = wb.init(
+            project="lightning-dq",
+            job_type="sample",
+            dir=str(run_dir),
+            id=run_id,
+            resume="allow",
+            mode=mode,
+            config={
+                "checkpoint": str(checkpoint),
+                "resolution": resolution,
+                "temperature": temperature,
+                "seed": seed,
+                "num_images": num_images,
+            },
+        )
         run.log({"samples": wb.Image(str(path))})
         run.finish()
     return path

@@ -1,7 +1,6 @@
 """The static-prior experiment: which axis should a feature tensor be split along before quantizing it?
 
     .venv/bin/python experiments/split_axis.py --runs runs/exp/dq_vs_vq/runs --out runs/exp/split_axis
-    .venv/bin/python experiments/split_axis.py --smoke --out /tmp/split       # random nets, synthetic images
 
 Fixed feature tensors: the bottom-level encoder output (B, C, h, w) (after the encoder's last ReLU, before
 the quantizer's projection, so no layer trained for one split sees the data) of real images, from the
@@ -17,7 +16,7 @@ Both give M codebooks of K codes of the same dimension D, each fitted on the sam
 (N*h*w per codebook for N images); the spatial split needs h*w / M to be a multiple of D.
 
 Codebooks are fitted to convergence by Lloyd's k-means (k-means++ seeds from
-`lightning_dq.quantize.kmeans_plus_plus`, assignments by `Codebook.nearest`, stopped when at most 0.01%
+`lightning_dq.nn.codebook.kmeans_plus_plus`, assignments by `Codebook.nearest`, stopped when at most 0.01%
 of the assignments change in an iteration, at most 200 iterations) on training images and
 evaluated on held-out images: L2 quantization error (mean squared error per element, also relative to the
 features' variance) and code entropy (bits, mean over the M codebooks; log2 K at most). Repeated over
@@ -27,6 +26,7 @@ k-means seeds: mean ± std.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,23 +36,22 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DATA_NOTE,
+    analysis_parser,
+    data_note,
     entropy_bits,
     fmt_mean_std,
-    load_net,
     markdown_table,
     mean_std,
-    resolve_data_root,
-    smoke_net_kwargs,
-    train_images,
-    trained_nets_parser,
-    validation_images,
+    run_dir,
+    run_images,
+    trained_net,
     write_outputs,
 )
+from matplotlib.figure import Figure  # noqa: E402
 
-from lightning_dq.autoencoder import HierarchicalAutoEncoder  # noqa: E402
-from lightning_dq.nn.codebook import Codebook
-from lightning_dq.quantize import kmeans_plus_plus  # noqa: E402
+from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder  # noqa: E402
+from lightning_dq.nn.codebook import Codebook, code_histogram, kmeans_plus_plus, stacked_index  # noqa: E402
+from lightning_dq.nn.heads import to_unit_range  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # the two splits and k-means
@@ -95,9 +94,8 @@ def fit_kmeans(x: Tensor, k: int, max_iters: int = 200, seed: int = 0, tol: floa
         if codes is not None and (new != codes).float().mean() <= tol:
             break
         codes = new
-        counts = cb.code_counts(codes)  # (M, K)
-        offsets = torch.arange(m).unsqueeze(1) * k  # (M, 1)
-        sums = x.new_zeros(m * k, d).index_add_(0, (codes + offsets).flatten(), x.reshape(-1, d)).view(m, k, d)
+        counts = code_histogram(codes, k)  # (M, K)
+        sums = x.new_zeros(m * k, d).index_add_(0, stacked_index(codes, k).flatten(), x.reshape(-1, d)).view(m, k, d)
         filled = counts > 0  # an empty cluster keeps its vector
         cb.embed.copy_(torch.where(filled.unsqueeze(-1), sums / counts.clamp_min(1).unsqueeze(-1), cb.embed))
     return cb, iters
@@ -107,7 +105,7 @@ def quantization_figures(cb: Codebook, x: Tensor) -> dict[str, float]:
     """Mean squared error per element and mean code entropy (bits) of codebook `cb` on x (M, N, D)."""
     codes = cb.nearest(x)  # (M, N)
     mse = (cb.lookup(codes) - x).pow(2).mean()
-    return {"mse": float(mse), "entropy_bits": float(entropy_bits(cb.code_counts(codes)).mean())}
+    return {"mse": float(mse), "entropy_bits": float(entropy_bits(code_histogram(codes, cb.codebook_size)).mean())}
 
 
 def sci_mean_std(values: list[float]) -> str:
@@ -120,7 +118,7 @@ def sci_mean_std(values: list[float]) -> str:
 def encoder_features(net: HierarchicalAutoEncoder, images: Tensor, batch: int = 256) -> Tensor:
     """Bottom-level encoder output (N, C, h, w) of uint8 images (N, 3, H, W)."""
     net.eval()
-    return torch.cat([net.encoders[0](net.normalize(x)) for x in images.split(batch)])
+    return torch.cat([net.encoders[0](to_unit_range(x)) for x in images.split(batch)])
 
 
 def compare_axes(train: Tensor, held_out: Tensor, m: int, k: int, restarts: int) -> dict[str, Any]:
@@ -133,8 +131,12 @@ def compare_axes(train: Tensor, held_out: Tensor, m: int, k: int, restarts: int)
         for seed in range(restarts):
             cb, iters = fit_kmeans(fit_x, k, seed=seed)
             row = quantization_figures(cb, eval_x)
-            row.update(relative_mse=row["mse"] / variance, iterations=iters, code_dim=fit_x.shape[-1],
-                       fit_vectors=fit_x.shape[1])  # fmt: skip
+            row.update(
+                relative_mse=row["mse"] / variance,
+                iterations=iters,
+                code_dim=fit_x.shape[-1],
+                fit_vectors=fit_x.shape[1],
+            )
             rows.append(row)
         out[axis] = rows
     return out
@@ -142,15 +144,13 @@ def compare_axes(train: Tensor, held_out: Tensor, m: int, k: int, restarts: int)
 
 def plot_bars(results: dict[str, Any], path: Path) -> None:
     """Bar charts of relative L2 error and code entropy per feature source, channel vs spatial split."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = list(results)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, key, title in [(axes[0], "relative_mse", "relative L2 error (MSE / variance), lower is better"),
-                           (axes[1], "entropy_bits", "code entropy (bits), higher uses more codes")]:  # fmt: skip
+    fig = Figure(figsize=(11, 3.8))
+    axes = fig.subplots(1, 2)
+    for ax, key, title in [
+        (axes[0], "relative_mse", "relative L2 error (MSE / variance), lower is better"),
+        (axes[1], "entropy_bits", "code entropy (bits), higher uses more codes"),
+    ]:
         for i, axis in enumerate(("channel", "spatial")):
             values = [[r[key] for r in results[label][axis]] for label in labels]
             means = [mean_std(v)[0] for v in values]
@@ -161,7 +161,6 @@ def plot_bars(results: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -170,7 +169,7 @@ def plot_bars(results: dict[str, Any], path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = trained_nets_parser(__doc__, smoke_help="random nets, synthetic 16x16 images")
+    p = analysis_parser(__doc__)
     p.add_argument("--seeds", type=int, default=1, help="training seeds of the trained nets to analyse")
     p.add_argument("--num-codebooks", type=int, default=4, help="M, codebooks of each split")
     p.add_argument("--codebook-size", type=int, default=32, help="K, codes per codebook")
@@ -185,56 +184,77 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def feature_sources(args: argparse.Namespace) -> list[tuple[str, HierarchicalAutoEncoder]]:
-    """(label, net) pairs: trained DQ and VQ nets per seed, and the random-init control."""
-    if args.smoke:
-        kwargs = dict(smoke_net_kwargs(), channels=16)  # 16 channels on a 4x4 grid: C = h*w
-        torch.manual_seed(0)
-        trained = []
-    else:
-        trained, kwargs = [], None
-        for seed in range(args.seeds):
-            for mode in ("dq", "vq"):
-                net, kwargs = load_net(Path(args.runs) / f"{mode}_{args.init}_M4_seed{seed}" / "net.pt")
-                trained.append((f"trained {mode} (seed {seed})", net))
+    """(label, net) pairs: the trained DQ and VQ nets per seed, and a random-init control of the same architecture."""
+    trained = [
+        (f"trained {mode} (seed {seed})", trained_net(run_dir(args.runs, mode, args.init, seed)))
+        for seed in range(args.seeds)
+        for mode in ("dq", "vq")
+    ]
     torch.manual_seed(1234)
-    return trained + [(f"random init ({kwargs.get('init', 'default')})", HierarchicalAutoEncoder(**kwargs).eval())]
+    config = trained[0][1].config
+    return trained + [(f"random init ({config['init']})", HierarchicalAutoEncoder(**config).eval())]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    root = resolve_data_root(args.data_root, args.smoke)
-    if args.smoke:
-        args.train_images, args.val_images, args.codebook_size = min(args.train_images, 64), min(args.val_images, 16), 8
-    print(f"[split_axis] budget: k-means (until < 0.01% of assignments change, <= 200 Lloyd steps) of 2 splits x "
-          f"{args.restarts} seeds "
-          f"on the features of {args.train_images} images, per net; no training", flush=True)  # fmt: skip
-    train_x, val_x = train_images(root, args.train_images, args.smoke), validation_images(root, args.val_images,
-                                                                                         args.smoke)
+    first = run_dir(args.runs, "dq", args.init, 0)
+    train_x, val_x = run_images(first, "train", args.train_images), run_images(first, "val", args.val_images)
+    args.train_images, args.val_images = len(train_x), len(val_x)
+    print(
+        f"[split_axis] budget: k-means (until < 0.01% of assignments change, <= 200 Lloyd steps) of 2 splits x "
+        f"{args.restarts} seeds on the features of {args.train_images} images, per net; no training",
+        flush=True,
+    )
     results, rows = {}, []
     for label, net in feature_sources(args):
         fit, held = encoder_features(net, train_x), encoder_features(net, val_x)
-        res = compare_axes(fit, held, args.num_codebooks, args.codebook_size, args.restarts)
+        res = compare_axes(fit, held, args.num_codebooks, min(args.codebook_size, fit.shape[0]), args.restarts)
         res["feature_shape"] = list(held.shape[1:])
         results[label] = res
         for axis in ("channel", "spatial"):
             r = res[axis]
-            rows.append([label, axis, r[0]["code_dim"], r[0]["fit_vectors"],
-                         sci_mean_std([x["mse"] for x in r]), fmt_mean_std([x["relative_mse"] for x in r], 4),
-                         fmt_mean_std([x["entropy_bits"] for x in r], 3), max(x["iterations"] for x in r)])  # fmt: skip
+            rows.append(
+                [
+                    label,
+                    axis,
+                    r[0]["code_dim"],
+                    r[0]["fit_vectors"],
+                    sci_mean_std([x["mse"] for x in r]),
+                    fmt_mean_std([x["relative_mse"] for x in r], 4),
+                    fmt_mean_std([x["entropy_bits"] for x in r], 3),
+                    max(x["iterations"] for x in r),
+                ]
+            )
     c, h, w = next(iter(results.values()))["feature_shape"]
-    header = ["features", "split", "D", "fit vectors per codebook", "L2 error (MSE per element)",
-              "relative L2 (MSE / variance)", "code entropy (bits)", "Lloyd iterations (max)"]  # fmt: skip
-    md = "\n".join([
-        "# Split axis: channel vs spatial (experiments/split_axis.py)", "",
-        f"Features: bottom-level encoder output, C={c} channels on a {h}x{w} grid; M={args.num_codebooks} codebooks "
-        f"of K={args.codebook_size} codes (entropy at most {torch.tensor(float(args.codebook_size)).log2():.0f} bits); "
-        f"fitted on {args.train_images} training images, measured on {args.val_images} held-out images; mean ± std "
-        f"over {args.restarts} k-means seeds.", "",
-        "SMOKE RUN: random nets, synthetic images." if args.smoke else f"Data: {DATA_NOTE}.", "",
-        markdown_table(header, rows), "", "![split axis](split_axis.png)", "",
-        "Paper, Table 2 (a secondary source, unverified; ImageNet features): channel 0.184 / 2.53 bits, "
-        "spatial 0.192 / 1.98 bits (L2 error / entropy).",
-    ])  # fmt: skip
+    header = [
+        "features",
+        "split",
+        "D",
+        "fit vectors per codebook",
+        "L2 error (MSE per element)",
+        "relative L2 (MSE / variance)",
+        "code entropy (bits)",
+        "Lloyd iterations (max)",
+    ]
+    md = "\n".join(
+        [
+            "# Split axis: channel vs spatial (experiments/split_axis.py)",
+            "",
+            f"Features: bottom-level encoder output, C={c} channels on a {h}x{w} grid; M={args.num_codebooks} "
+            f"codebooks of K={args.codebook_size} codes (entropy at most {math.log2(args.codebook_size):.0f} bits); "
+            f"fitted on {args.train_images} training images, measured on {args.val_images} held-out images; mean ± std "
+            f"over {args.restarts} k-means seeds.",
+            "",
+            f"Data: {data_note(first)}.",
+            "",
+            markdown_table(header, rows),
+            "",
+            "![split axis](split_axis.png)",
+            "",
+            "Paper, Table 2 (a secondary source, unverified; ImageNet features): channel 0.184 / 2.53 bits, "
+            "spatial 0.192 / 1.98 bits (L2 error / entropy).",
+        ]
+    )
     summary = {"args": vars(args), "results": results}
     write_outputs(Path(args.out), "split_axis", summary, md)
     plot_bars(results, Path(args.out) / "split_axis.png")

@@ -1,15 +1,13 @@
 """lightning-dq: Depthwise Quantization (Fostiropoulos & Boehm, CVPR 2022) as a PyTorch Lightning framework.
 
-The public API, one import away (`from lightning_dq import DepthwiseQuantizer`); the layers and which file owns
-which concept: docs/architecture.md. Names are imported on first use (PEP 562), so the networks load without
-importing Lightning.
+The public API, one import away (`from lightning_dq import DepthwiseQuantizer`), imported on first use so the
+networks load without Lightning; the layers and which file owns which concept: docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import importlib
 from importlib.metadata import version
-from typing import TYPE_CHECKING
 
 __version__ = version("lightning-dq")
 
@@ -23,16 +21,17 @@ _EXPORTS = {
     "PriorModule": "lightning_dq.training.modules",
     "ImageDataModule": "lightning_dq.data.datamodule",
 }
-__all__ = [*_EXPORTS, "__version__"]
-
-if TYPE_CHECKING:
-    from lightning_dq.data.datamodule import ImageDataModule
-    from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder
-    from lightning_dq.nn.codebook import Codebook
-    from lightning_dq.nn.codes import CodeGeometry
-    from lightning_dq.nn.prior import CodePrior
-    from lightning_dq.nn.quantizer import DepthwiseQuantizer
-    from lightning_dq.training.modules import AutoEncoderModule, PriorModule
+__all__ = [
+    "AutoEncoderModule",
+    "CodeGeometry",
+    "CodePrior",
+    "Codebook",
+    "DepthwiseQuantizer",
+    "HierarchicalAutoEncoder",
+    "ImageDataModule",
+    "PriorModule",
+    "__version__",
+]
 
 
 def __getattr__(name: str):

@@ -1,14 +1,10 @@
 """The `lightning-dq` command: LightningCLI with layered YAML configs and `--key=value` overrides, plus the
-project's own commands.
+project's own commands (`lightning-dq prepare`). Configs are parsed in jsonargparse's `omegaconf+` mode, so
+`${trainer.default_root_dir}/checkpoints` resolves against the merged config and the saved `config.yaml` shows where
+every file went, which precision ran and which key ranked the checkpoints.
 
     lightning-dq fit --config configs/base.yaml --config configs/cifar10.yaml [--trainer.max_epochs=10]
     lightning-dq fit ... --ckpt_path last        # resume the run in trainer.default_root_dir
-    lightning-dq test --config configs/base.yaml --config configs/prior_cifar10.yaml --ckpt_path <prior.ckpt>
-    lightning-dq prepare --dataset imagenet64 --root /data/imagenet64   # the ImageNet cache, once
-
-Configs are parsed in jsonargparse's `omegaconf+` mode: `${trainer.default_root_dir}/checkpoints` resolves against
-the merged config, overrides included, so the saved `config.yaml` shows where every file went, which precision
-ran, and which key ranked the checkpoints. An expected error (a `UserError`) is one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -64,7 +60,7 @@ where to find every option:
 
 
 def one_line_doc(cls: type, width: int = 100) -> str:
-    """The first sentence of a class docstring's first paragraph on one line, cut at a word to `width` characters."""
+    """The first sentence of a class docstring on one line, cut at a word to `width` characters."""
     paragraph = " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())
     text = re.split(r"(?<=\.)\s+(?=[A-Z`])", paragraph, maxsplit=1)[0].rstrip(".")
     return text if len(text) <= width else text[: width - 3].rsplit(" ", 1)[0].rstrip(",;:") + "..."
@@ -86,8 +82,8 @@ class SaveConfigToRun(SaveConfigCallback):
 
 
 def trainer_callbacks(config: dict[str, Any], stream=None) -> dict[str, Any]:
-    """Trainer arguments replacing `config`'s (the instantiated trainer config): plain progress lines when stdout is
-    not a terminal (a terminal keeps Lightning's rich bar), our model summary, W&B folders made in advance."""
+    """Trainer arguments replacing the instantiated `config`'s: plain progress lines where stdout is not a terminal
+    (a terminal keeps the rich bar), our model summary, W&B folders made in advance."""
     callbacks = config.get("callbacks") or []
     callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
     out: dict[str, Any] = {"callbacks": callbacks}
@@ -105,8 +101,8 @@ def trainer_callbacks(config: dict[str, Any], stream=None) -> dict[str, Any]:
 
 
 class DQCLI(LightningCLI):
-    """LightningCLI with the project's callbacks as top-level config groups, the precision, checkpoint key and W&B
-    identity of a run resolved into its saved config, and `--ckpt_path` checked before Lightning reads it."""
+    """LightningCLI with the project's callbacks as top-level config groups (merged key by key across files), a run's
+    precision, checkpoint key and W&B identity resolved into its saved config, and `--ckpt_path` checked first."""
 
     group_listing: dict[str, str] = {}
 
@@ -161,7 +157,7 @@ def build_cli(args: ArgsType = None) -> DQCLI:
     # LightningCLI reads `--ckpt_path`'s hyperparameters before any hook runs: a truncated or corrupt file must be
     # a CheckpointError naming it, not a traceback
     paths = [a.split("=", 1)[1] for a in argv if a.startswith("--ckpt_path=")]
-    paths += [b for a, b in zip(argv, argv[1:]) if a == "--ckpt_path"]
+    paths += [b for a, b in zip(argv, argv[1:], strict=False) if a == "--ckpt_path"]
     for path in paths:
         if Path(path).is_file():
             load_checkpoint_file(path, mmap=True)
@@ -180,11 +176,8 @@ def build_cli(args: ArgsType = None) -> DQCLI:
 
 
 def prepare(argv: list[str]) -> None:
-    """`lightning-dq prepare`: convert downsampled ImageNet's npz files to the memory-mapped cache, once.
-
-    ImageNet-64's conversion writes about 16 GB, longer than a DDP barrier waits, so it runs here, in one process,
-    before any multi-GPU training; a cache that is already current is left as it is.
-    """
+    """`lightning-dq prepare`: convert downsampled ImageNet's npz files to the memory-mapped cache once, in one
+    process (ImageNet-64's 16 GB take longer than a DDP barrier waits); a current cache is left as it is."""
     from lightning_dq.data.imagenet import prepare_imagenet  # here: `lightning-dq fit` does not need it
 
     parser = argparse.ArgumentParser(prog="lightning-dq prepare", description="the ImageNet cache, once per dataset")
@@ -205,8 +198,8 @@ COMMANDS = {"prepare": prepare}  # the project's own commands beside LightningCL
 
 
 def find_user_error(err: BaseException | None) -> UserError | None:
-    """`err` itself if it is a `UserError`, else the first `UserError` it was raised from or while handling (a
-    library may re-raise an error from a hook as another exception); a context hidden with `from None` is not searched."""
+    """`err` if it is a `UserError`, else the first one it was raised from or while handling (a library may wrap an
+    error of a hook); a context hidden by `from None` is not searched."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, UserError):
@@ -217,8 +210,8 @@ def find_user_error(err: BaseException | None) -> UserError | None:
 
 
 def main(args: ArgsType = None) -> None:
-    """Entry point of the `lightning-dq` console script. A `UserError` (bad data, config value or checkpoint, a full
-    disk) is printed as one line on stderr and exits with status 2; any other exception keeps its traceback."""
+    """The `lightning-dq` console script: a `UserError` is one line on stderr and exit status 2, any other exception
+    keeps its traceback."""
     argv = list(sys.argv[1:] if args is None else args)
     try:
         if argv and argv[0] in COMMANDS:

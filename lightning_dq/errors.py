@@ -1,9 +1,5 @@
-"""Errors a user can fix: missing or corrupt data, a bad config value, an unusable checkpoint, a full disk.
-
-`lightning-dq` prints a `UserError` as one line without a traceback and exits with status 2; any other exception
-is a bug and keeps its traceback. Each subclass is also the built-in exception callers already catch
-(`ValueError`, `FileNotFoundError`, `OSError`). Messages name the file, key or value and say what to do.
-"""
+"""Errors a user can fix, each also the built-in exception callers catch (`ValueError`, `OSError`, ...): `lightning-dq`
+prints one as one line naming the file, key or value and what to do, and exits 2; anything else is a bug."""
 
 from __future__ import annotations
 

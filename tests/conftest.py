@@ -7,6 +7,7 @@ import os
 import random
 import socket
 from collections.abc import Callable
+
 import pytest
 import torch
 

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import pickle
-import struct
 import os
+import pickle
 import signal
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +106,6 @@ def write_imagenet(root: Path, side: int, train: list[np.ndarray], val: np.ndarr
     folder = root / (f"Imagenet{side}_val_npz" if official else "")
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / "val_data.npz", data=val.reshape(len(val), -1), labels=np.ones(len(val), int))
-
 
 
 def truncate(path: Path) -> None:

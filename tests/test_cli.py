@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import re
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,8 @@ from lightning_dq.cli import build_cli, find_user_error, main, one_line_doc
 from lightning_dq.errors import ConfigError, DataError, UserError
 from lightning_dq.reporting.images import ImageLogger
 from lightning_dq.training.callbacks import CodebookReset
-from lightning_dq.training.resolution import ResolutionSchedule
 from lightning_dq.training.modules import AutoEncoderModule
+from lightning_dq.training.resolution import ResolutionSchedule
 from tests.helpers import CONFIGS
 
 BASE = ["--config", str(CONFIGS / "base.yaml")]
@@ -38,7 +39,7 @@ def autoencoder_ckpt(tmp_path_factory) -> Path:
     return root / "checkpoints" / "last.ckpt"
 
 
-AUTOENCODER_CONFIGS = ["base", "cifar10", "imagenet32", "imagenet64", "ddp", "debug", "demo"]
+AUTOENCODER_CONFIGS = ["base", "cifar10", "imagenet32", "imagenet64", "ddp", "debug", "demo", "experiments"]
 PRIOR_CONFIGS = ["prior_cifar10", "prior_imagenet32", "prior_imagenet64", "prior_demo"]
 
 
@@ -71,16 +72,29 @@ def test_wandb_offline_run_has_bits_per_dim_history(tmp_path, monkeypatch):
 
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is a config value, not an environment default
     monkeypatch.setenv("WANDB_SILENT", "true")
-    main(["fit", *BASE, *DEBUG, *run_args(tmp_path), "--trainer.max_epochs=1",
-          "--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.project=lightning-dq-test",
-          "--trainer.logger.offline=true"])
+    main(
+        [
+            "fit",
+            *BASE,
+            *DEBUG,
+            *run_args(tmp_path),
+            "--trainer.max_epochs=1",
+            "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
+            "--trainer.logger.project=lightning-dq-test",
+            "--trainer.logger.offline=true",
+        ]
+    )
     wandb.finish()  # flush the run's transaction log (a CLI process does this at exit)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))  # inside the run directory, not the cwd
     assert len(runs) == 1, "expected exactly one offline W&B run directory"
     assert (tmp_path / "config.yaml").is_file()  # the resolved config is saved with the run
-    records = list(_wandb_records(next(runs[0].glob("*.wandb"))))
-    history = {i.key or "/".join(i.nested_key) for r in records if r.HasField("history") for i in r.history.item}
     expected = {"val/bpd_decoder", "val/bpd_uniform", "train/bpd_decoder", "train/perplexity_l0"}
+    for _ in range(60):  # W&B's service process may still be writing the log after finish() returned
+        records = list(_wandb_records(next(runs[0].glob("*.wandb"))))
+        history = {i.key or "/".join(i.nested_key) for r in records if r.HasField("history") for i in r.history.item}
+        if expected <= history:
+            break
+        time.sleep(0.5)
     assert expected <= history, sorted(history)
     config = {i.key for r in records if r.HasField("config") for i in r.config.update}
     assert "config" in config  # the resolved CLI config is sent to W&B
@@ -129,8 +143,12 @@ def _resolutions(root: Path) -> dict[int, set[int]]:
 
 
 def test_resolution_schedule_switches_within_one_fit_and_survives_resume(tmp_path):
-    schedule = ["--resolution_schedule.milestones={0: 32, 2: 64}", "--checkpoint.monitor=val/loss_64px",
-                "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]  # fmt: skip
+    schedule = [
+        "--resolution_schedule.milestones={0: 32, 2: 64}",
+        "--checkpoint.monitor=val/loss_64px",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+    ]
     main(["fit", *BASE, *DEBUG, *run_args(tmp_path), *schedule, "--trainer.max_epochs=3"])
     assert _resolutions(tmp_path) == {0: {32}, 1: {32}, 2: {64}}
     # resume from last.ckpt (end of epoch 2) for 2 more epochs: still 64, appended to the same record
@@ -140,8 +158,17 @@ def test_resolution_schedule_switches_within_one_fit_and_survives_resume(tmp_pat
 
 def test_resolution_schedule_needs_dataloader_reload(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # a config error: one message, no traceback, status 2
-        main(["fit", *BASE, *DEBUG, *run_args(tmp_path), "--resolution_schedule.milestones={0: 32, 1: 64}",
-              "--trainer.reload_dataloaders_every_n_epochs=0", "--checkpoint.monitor=val/loss_64px"])  # fmt: skip
+        main(
+            [
+                "fit",
+                *BASE,
+                *DEBUG,
+                *run_args(tmp_path),
+                "--resolution_schedule.milestones={0: 32, 1: 64}",
+                "--trainer.reload_dataloaders_every_n_epochs=0",
+                "--checkpoint.monitor=val/loss_64px",
+            ]
+        )
     assert exit_info.value.code == 2 and "reload_dataloaders_every_n_epochs" in capsys.readouterr().err
 
 
@@ -163,8 +190,16 @@ def test_bad_config_values_fail_before_training_naming_the_key(override, key, tm
 def test_resolution_not_divisible_by_model_downsampling_fails_before_training(tmp_path, capsys):
     # synthetic data can serve 40 (stored at 40) but the model needs multiples of 16
     with pytest.raises(SystemExit):
-        main(["fit", *BASE, *DEBUG, *run_args(tmp_path), "--data.init_args.resolution=40",
-              "--data.init_args.native_resolution=40"])  # fmt: skip
+        main(
+            [
+                "fit",
+                *BASE,
+                *DEBUG,
+                *run_args(tmp_path),
+                "--data.init_args.resolution=40",
+                "--data.init_args.native_resolution=40",
+            ]
+        )
     assert "data.init_args.resolution=40 does not fit the model" in capsys.readouterr().err
     assert not (tmp_path / "checkpoints").exists()
 
@@ -199,11 +234,17 @@ def test_help_lists_the_project_groups_with_their_one_line_docs(capsys):
         main(["fit", "--help"])
     assert exit_.value.code == 0
     fit_help = capsys.readouterr().out
-    groups = [("codebook_reset", CodebookReset), ("resolution_schedule", ResolutionSchedule), ("image_logger", ImageLogger)]
+    groups = [
+        ("codebook_reset", CodebookReset),
+        ("resolution_schedule", ResolutionSchedule),
+        ("image_logger", ImageLogger),
+    ]
     for key, cls in groups:
         assert f"\n{key} ({cls.__module__}.{cls.__name__}):\n  {one_line_doc(cls)}\n\n  --{key} CONFIG" in fit_help
     # a group without options still shows, with its doc
-    assert re.search(r"\nmetric_curves \(lightning_dq\.reporting\.curves\.MetricCurves\):\n  Draws `bpd_curve.png`", fit_help)
+    assert re.search(
+        r"\nmetric_curves \(lightning_dq\.reporting\.curves\.MetricCurves\):\n  Draws `bpd_curve.png`", fit_help
+    )
     with pytest.raises(SystemExit):
         main(["--help"])
     main_help = capsys.readouterr().out
@@ -214,12 +255,22 @@ def test_help_lists_the_project_groups_with_their_one_line_docs(capsys):
 
 def test_user_error_in_a_hook_is_one_line_on_stderr_with_exit_status_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main([*DEBUG_FIT, f"--trainer.default_root_dir={tmp_path}", "--resolution_schedule.milestones={0: 32, 1: 64}",
-              "--trainer.reload_dataloaders_every_n_epochs=0"])  # fmt: skip  # ConfigError in setup()
+        main(
+            [
+                *DEBUG_FIT,
+                f"--trainer.default_root_dir={tmp_path}",
+                "--resolution_schedule.milestones={0: 32, 1: 64}",
+                "--trainer.reload_dataloaders_every_n_epochs=0",
+            ]
+        )  # a ConfigError in setup()
     assert exit_.value.code == 2 and exit_.value.__cause__ is None and exit_.value.__suppress_context__
     err = capsys.readouterr().err
-    assert re.search(r"^lightning-dq: error: resolution_schedule\.milestones=.* set trainer\.reload_dataloaders_every"
-                     r"_n_epochs=1 \(it is 0\)$", err, re.M)  # fmt: skip
+    assert re.search(
+        r"^lightning-dq: error: resolution_schedule\.milestones=.* set trainer\.reload_dataloaders_every"
+        r"_n_epochs=1 \(it is 0\)$",
+        err,
+        re.M,
+    )
     assert "Traceback" not in err
 
 

@@ -34,11 +34,16 @@ def run_args(run: Path, data: Path) -> list[str]:
     """What a test changes in a dataset config: where the run and the data are, the debug net, CPU, no worker
     processes, the metric record as the only logger (no W&B), no image grids (tests/test_callbacks.py)."""
     return [
-        f"--trainer.default_root_dir={run}", f"--data.init_args.root={data}", *debug_net_args(),
-        "--trainer.accelerator=cpu", "--data.init_args.num_workers=0", "--trainer.enable_model_summary=false",
-        "--trainer.logger=lightning_dq.reporting.record.RunRecord", f"--trainer.logger.init_args.save_dir={run}",
+        f"--trainer.default_root_dir={run}",
+        f"--data.init_args.root={data}",
+        *debug_net_args(),
+        "--trainer.accelerator=cpu",
+        "--data.init_args.num_workers=0",
+        "--trainer.enable_model_summary=false",
+        "--trainer.logger=lightning_dq.reporting.record.RunRecord",
+        f"--trainer.logger.init_args.save_dir={run}",
         "--image_logger.every_n_epochs=0",
-    ]  # fmt: skip
+    ]
 
 
 def evaluation(run: Path) -> dict:
@@ -74,11 +79,18 @@ def test_32px_dataset_configs_fit_and_test_on_real_format_files(dataset, tmp_pat
 def test_imagenet64_config_trains_at_32_then_64_and_tests_at_64(tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
     val = images(3, 64, 99)
-    write_imagenet(data, 64, [images(2, 64, seed) for seed in range(10)], val, official=True)  # Imagenet64_train_part1_npz/...
+    write_imagenet(
+        data, 64, [images(2, 64, seed) for seed in range(10)], val, official=True
+    )  # Imagenet64_train_part1_npz/...
     # the config's schedule {0: 32, 10: 64}, with the 64x64 stage from epoch 1
-    args = [*config_args("base", "imagenet64"), *run_args(run, data), "--data.init_args.val_size=4",
-            "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
-            "--resolution_schedule.milestones={0: 32, 1: 64}"]  # fmt: skip
+    args = [
+        *config_args("base", "imagenet64"),
+        *run_args(run, data),
+        "--data.init_args.val_size=4",
+        "--trainer.limit_train_batches=1",
+        "--trainer.limit_val_batches=1",
+        "--resolution_schedule.milestones={0: 32, 1: 64}",
+    ]
     main(["fit", *args, "--trainer.max_epochs=2"])
     rows = RunRecord(str(run)).read()
     trained = {int(r["epoch"]): int(r["train/resolution_epoch"]) for r in rows if "train/resolution_epoch" in r}
@@ -94,10 +106,19 @@ def test_imagenet64_config_trains_at_32_then_64_and_tests_at_64(tmp_path):
 
 
 def test_bf16_mixed_cpu_fit_through_the_cli(tmp_path):
-    cli = build_cli(["fit", *config_args("base", "debug"), f"--trainer.default_root_dir={tmp_path}",
-                     "--trainer.enable_model_summary=false", "--trainer.precision=bf16-mixed", "--trainer.max_epochs=1",
-                     "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
-                     "--image_logger.every_n_epochs=0"])  # fmt: skip
+    cli = build_cli(
+        [
+            "fit",
+            *config_args("base", "debug"),
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_model_summary=false",
+            "--trainer.precision=bf16-mixed",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=1",
+            "--image_logger.every_n_epochs=0",
+        ]
+    )
     plugin = cli.trainer.precision_plugin
     assert isinstance(plugin, MixedPrecision) and plugin.precision == "bf16-mixed" and plugin.device == "cpu"
     rows = RunRecord(str(tmp_path)).read()

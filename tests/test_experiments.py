@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.helpers import REPO
 
@@ -124,15 +125,22 @@ def test_kmeans_converges_to_the_cluster_means():
 @pytest.fixture(scope="module")
 def grid_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dq_vs_vq")
-    load("dq_vs_vq").main(["--smoke", "--seeds", "1", "--sweep-seeds", "1", "--jobs", "1", "--out", str(out)])
+    load("dq_vs_vq").main(["--smoke", "--seeds", "1", "--sweep-seeds", "1", "--jobs", "2", "--out", str(out)])
     return out
 
 
-def test_dq_vs_vq_smoke_trains_every_run_and_writes_its_outputs(grid_run):
+def test_dq_vs_vq_smoke_trains_every_run_through_the_cli_and_writes_its_outputs(grid_run):
     summary = json.loads((grid_run / "dq_vs_vq.json").read_text())
     names = sorted(r["name"] for r in summary["runs"])
-    assert names == ["dq_default_M4_seed0", "dq_kaiming_M1_seed0", "dq_kaiming_M2_seed0", "dq_kaiming_M4_seed0",
-                     "dq_kaiming_M8_seed0", "vq_default_M4_seed0", "vq_kaiming_M4_seed0"]  # fmt: skip
+    assert names == [
+        "dq_default_M4_seed0",
+        "dq_kaiming_M1_seed0",
+        "dq_kaiming_M2_seed0",
+        "dq_kaiming_M4_seed0",
+        "dq_kaiming_M8_seed0",
+        "vq_default_M4_seed0",
+        "vq_kaiming_M4_seed0",
+    ]
     for run in summary["runs"]:
         m = run["spec"]["num_codebooks"]
         assert run["steps"] == 4 and run["net_kwargs"]["code_dim"] * m == 8  # M*D fixed
@@ -140,32 +148,33 @@ def test_dq_vs_vq_smoke_trains_every_run_and_writes_its_outputs(grid_run):
         # B - A is the uniform code cost: grids 1, 4, 16 positions x M codes x log2 8 bits / (3*16*16) dims
         assert run["B"] - run["A"] == pytest.approx(21 * m * 3 / 768, abs=1e-5)
         assert all(0 < u <= 1 for u in run["used"]) and all(1 <= p <= 8 for p in run["perplexity"])
-        assert (grid_run / "runs" / run["name"] / "net.pt").is_file()
+        run_dir = grid_run / "runs" / run["name"]  # a run directory like any other: config, record, checkpoints
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        net = config["model"]["init_args"]["net"]["init_args"]
+        assert (net["mode"], net["num_codebooks"], config["seed_everything"]) == (run["spec"]["mode"], m, 0)
+        assert (run_dir / "metrics.csv").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
     md = (grid_run / "dq_vs_vq.md").read_text()
     assert "| dq | kaiming | 1 |" in md and "| vq | default | 1 |" in md and "| 8 | 1 | 8 | 1 |" in md
     assert (grid_run / "dq_vs_vq_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_dq_vs_vq_summarize_only_lists_the_missing_runs(grid_run):
-    summary = load("dq_vs_vq").main(["--smoke", "--seeds", "2", "--sweep-seeds", "1", "--summarize-only",
-                                     "--out", str(grid_run)])  # fmt: skip
+    summary = load("dq_vs_vq").main(
+        ["--smoke", "--seeds", "2", "--sweep-seeds", "1", "--summarize-only", "--out", str(grid_run)]
+    )
     assert summary["missing"] == ["dq_kaiming_M4_seed1", "vq_kaiming_M4_seed1"]
     assert "Not run (budget): dq_kaiming_M4_seed1, vq_kaiming_M4_seed1" in (grid_run / "dq_vs_vq.md").read_text()
 
 
-def test_split_axis_smoke_writes_both_splits(tmp_path):
-    summary = split_axis.main(["--smoke", "--restarts", "2", "--out", str(tmp_path)])
-    (result,) = summary["results"].values()
-    for axis in ("channel", "spatial"):
-        for row in result[axis]:
-            assert row["code_dim"] == 4 and row["fit_vectors"] == 64 * 16  # same D and sample count both ways
-            assert 0 <= row["entropy_bits"] <= 3 and row["iterations"] < 200 and row["relative_mse"] >= 0
-    assert "| channel |" in (tmp_path / "split_axis.md").read_text()
-    assert (tmp_path / "split_axis.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_correlation_and_level_decoding_smoke_read_the_trained_nets(grid_run, tmp_path):
-    runs = ["--runs", str(grid_run / "runs"), "--smoke"]
+def test_analyses_read_the_trained_runs(grid_run, tmp_path):
+    runs = ["--runs", str(grid_run / "runs")]
+    summary = split_axis.main([*runs, "--restarts", "2", "--codebook-size", "8", "--out", str(tmp_path / "split")])
+    for result in summary["results"].values():
+        for axis in ("channel", "spatial"):
+            for row in result[axis]:
+                assert row["code_dim"] == 2 and row["fit_vectors"] == 96 * 16  # same D and sample count both ways
+                assert 0 <= row["entropy_bits"] <= 3 and row["iterations"] < 200 and row["relative_mse"] >= 0
+    assert "| channel |" in (tmp_path / "split" / "split_axis.md").read_text()
     summary = correlation.main([*runs, "--seeds", "1", "--out", str(tmp_path / "corr")])
     assert set(summary["figures"]) == {"trained dq", "trained vq", "random init, dq"}
     for figures in summary["figures"].values():
@@ -176,8 +185,6 @@ def test_correlation_and_level_decoding_smoke_read_the_trained_nets(grid_run, tm
     assert (tmp_path / "lev" / "level_decoding.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bad_paths_are_named_in_the_error(tmp_path):
-    with pytest.raises(common.DataNotFoundError, match=str(tmp_path)):
-        common.resolve_data_root(str(tmp_path), smoke=False)
-    with pytest.raises(common.CheckpointError, match="dq_vs_vq.py first"):
-        common.load_net(tmp_path / "missing.pt")
+def test_missing_runs_are_named_in_the_error(tmp_path):
+    with pytest.raises(common.CheckpointError, match=str(tmp_path)):
+        common.trained_net(tmp_path / "dq_kaiming_M4_seed0")

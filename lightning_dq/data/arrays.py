@@ -1,11 +1,6 @@
-"""The uint8 (N, 3, S, S) array behind every dataset, its exact box reduction to smaller sides, and the torch
-`Dataset` that serves (3, r, r) uint8 tensors of it at the current resolution.
-
-Reduction S -> r (S / r = k, a power of two) is one k x k box average per output pixel, computed exactly in
-integers and rounded once, half to even: s, the sum of the k*k values, gives q, rem = divmod(s, k*k), and the
-result is q + 1 when 2*rem > k*k, or when 2*rem == k*k and q is odd, else q (sums 2, 6, 10 of a 2x2 block give 0,
-2, 2). So 64 -> 16 is a single 4x4 box, the correctly rounded mean of the 16 pixels.
-"""
+"""The uint8 (N, 3, S, S) array behind every dataset, its exact box reduction, and the `Dataset` serving (3, r, r)
+tensors of it. S -> r (k = S / r, a power of two) is one k x k box mean per pixel, summed in integers and rounded
+once, half to even (2x2 sums 2, 6, 10 give 0, 2, 2): 64 -> 16 is one 4x4 box, not two rounded 2x2 steps."""
 
 from __future__ import annotations
 
@@ -14,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_dq.errors import ConfigError, DataError
@@ -61,13 +55,8 @@ def box_reduce(images: np.ndarray, factor: int) -> np.ndarray:
 def check_image_array(images: np.ndarray, source: object) -> None:
     """Raise DataError unless `images` is a uint8 (N, 3, S, S) array; `source` names where it came from."""
     shape = getattr(images, "shape", None)
-    if (
-        not isinstance(images, np.ndarray)
-        or images.dtype != np.uint8
-        or images.ndim != 4
-        or shape[1] != 3
-        or shape[2] != shape[3]
-    ):
+    uint8_4d = isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
+    if not uint8_4d or shape[1] != 3 or shape[2] != shape[3]:
         got = f"{type(images).__name__} {getattr(images, 'dtype', '')} {shape}"
         raise DataError(f"{source}: expected a uint8 image array of shape (N, 3, S, S), got {got}")
 
@@ -85,8 +74,7 @@ def npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def open_npy(path: Path, random_access: bool = False) -> np.ndarray:
-    """A `.npy` file as a read-only array on a memory map; with `random_access` the kernel is told not to read
-    ahead around each access (rows read in random order: the readahead would mostly be wasted I/O)."""
+    """A `.npy` file as a read-only memory map; `random_access` turns off readahead (wasted on rows read at random)."""
     with open(path, "rb") as f:
         shape, dtype = npy_header(f)
         offset = f.tell()
@@ -97,15 +85,12 @@ def open_npy(path: Path, random_access: bool = False) -> np.ndarray:
 
 
 class ImageArrayDataset(Dataset):
-    """Serves the images of a uint8 (N, 3, S, S) array as (3, r, r) uint8 tensors.
-
-    The array is held in RAM, or is a `.npy` file each process maps on first access (a DataLoader worker is sent
-    the path, never the pixels). A new resolution is a new (cheap) dataset over the same storage.
+    """A uint8 (N, 3, S, S) array, in RAM or a `.npy` each process maps lazily (workers get the path), as (3, r, r).
 
     Args:
         images: the (N, 3, S, S) uint8 array, or the path of a `.npy` file holding one.
         resolution: served side r; S / r must be a power of two (box-averaged, see `box_reduce`).
-        indices: the rows of `images` this dataset serves, in order (None = all rows).
+        indices: the rows of `images` served, in order (None = all rows).
         hflip: flip each image left-right with probability 1/2 (torch's RNG; training only).
         random_access: rows are read in random order (shuffled or sparse): no readahead on a mapped file.
     """
@@ -146,16 +131,15 @@ class ImageArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images) if self.indices is None else len(self.indices)
 
-    def __getitem__(self, i: int | list[int]) -> Tensor:
-        """Image `i` as (3, r, r) uint8; a list of positions gives their batch (b, 3, r, r), b may be 0 (what a
-        DataLoader with `batch_size=None` and a sampler of index lists asks for)."""
+    def __getitem__(self, i: int | list[int]) -> torch.Tensor:
+        """Image `i` as (3, r, r) uint8; a list gives the batch (b, 3, r, r), b >= 0 (`batch_size=None` loaders)."""
         return self._batch(i) if isinstance(i, list) else self._batch([i])[0]
 
-    def __getitems__(self, batch: list[int]) -> list[Tensor]:
+    def __getitems__(self, batch: list[int]) -> list[torch.Tensor]:
         """The DataLoader's batched fetch: one vectorised box reduction per batch."""
         return list(self._batch(batch))
 
-    def _batch(self, positions: list[int]) -> Tensor:
+    def _batch(self, positions: list[int]) -> torch.Tensor:
         rows = np.asarray(positions, dtype=np.intp)  # (B,): intp, so an empty list still indexes
         rows = rows if self.indices is None else self.indices[rows]
         stored = self.images[rows]  # (B, 3, S, S): a copy (for a mapped file: reads just these rows)

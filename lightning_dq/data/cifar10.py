@@ -1,9 +1,6 @@
-"""CIFAR-10, official python version: `cifar-10-batches-py/{data_batch_1..5, test_batch}`, pickled dicts whose
-`data` is uint8 (N, 3072): per row the R plane, then G, then B, each 32x32 row-major.
-
-The official files are Python pickles, which run code when loaded: `_CifarUnpickler` resolves only the few
-numpy/builtin names those files contain, and refuses a pickle naming anything else before it can run.
-"""
+"""CIFAR-10, official python version (`cifar-10-batches-py/`: pickled dicts, `data` uint8 (N, 3072) of R, G, B
+planes), its download, and the fallback to `sample` when missing. Pickles run code when loaded: `_CifarUnpickler`
+resolves only the few numpy/builtin names these files contain, and refuses any other before it can run."""
 
 from __future__ import annotations
 
@@ -11,10 +8,12 @@ import codecs
 import hashlib
 import io
 import pickle
-from collections.abc import Sequence
+import tarfile
 from pathlib import Path
 
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_warn
+from torchvision.datasets.utils import download_and_extract_archive
 
 from lightning_dq.errors import DataError, DataNotFoundError
 
@@ -31,24 +30,56 @@ CIFAR10_MD5 = {  # the official files (cs.toronto.edu/~kriz/cifar.html)
 }
 CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 FIX = f"extract the official python version ({CIFAR10_URL}) again"
+_MD5_WARNED: set[Path] = set()  # files already reported as differing from the official md5 (this process)
 
 
 def find_cifar10(root: Path) -> Path | None:
     """The `cifar-10-batches-py` directory: `root/cifar-10-batches-py`, or `root` itself; None if neither."""
-    for directory in (root / CIFAR10_DIR, root):
-        if directory.name == CIFAR10_DIR and directory.is_dir():
-            return directory
-    return None
+    return next((d for d in (root / CIFAR10_DIR, root) if d.name == CIFAR10_DIR and d.is_dir()), None)
 
 
-def cifar10_other_versions(root: Path) -> list[Path]:
-    """Folders under `root` that hold a CIFAR version this reader does not read (binary, CIFAR-100)."""
-    return [root / name for name in ("cifar-10-batches-bin", "cifar-100-python") if (root / name).is_dir()]
+def download_cifar10(root: Path, fallback: str) -> None:
+    """Download and extract the archive into `root` unless all files are there; on failure raise, or warn (fallback)."""
+    directory = find_cifar10(root)
+    if directory is not None and all((directory / name).is_file() for name in CIFAR10_MD5):
+        return
+    try:
+        download_and_extract_archive(CIFAR10_URL, download_root=str(root), md5=CIFAR10_ARCHIVE_MD5)
+    except (OSError, RuntimeError, tarfile.TarError) as err:  # offline (URLError is an OSError); bad file
+        if fallback == "none":
+            raise DataNotFoundError(
+                f"downloading CIFAR-10 from {CIFAR10_URL} into {root} failed ({err}); fetch and extract "
+                f"cifar-10-python.tar.gz yourself, or point root at the folder that contains {CIFAR10_DIR}"
+            ) from err
+        rank_zero_warn(f"downloading CIFAR-10 from {CIFAR10_URL} failed ({err}); using fallback='sample'")
 
 
-def read_cifar10(directory: Path, names: Sequence[str]) -> tuple[np.ndarray, list[str]]:
-    """CIFAR-10 batches `names` of `directory` as one uint8 (N, 3, 32, 32) array, and the names of the files whose
-    md5 differs from the official file (they are still read: the caller says so)."""
+def cifar10_fallback(root: Path, download: bool, fallback: str, side: int) -> str:
+    """`root` holds no `cifar-10-batches-py`: raise the error that names the fix, or (fallback "sample") warn
+    loudly and return the note that `side` x `side` sample patches are served instead."""
+    why = "download failed" if download else "download=False"
+    expected = f"expected {root / CIFAR10_DIR}/data_batch_1..5, test_batch"
+    other = [root / name for name in ("cifar-10-batches-bin", "cifar-100-python") if (root / name).is_dir()]
+    if other:
+        raise DataError(
+            f"{other[0]} is not the CIFAR-10 python version this dataset reads ({expected}): get "
+            f"cifar-10-python.tar.gz from {CIFAR10_URL} and extract it into {root}, or set download=True"
+        )
+    if fallback == "none":
+        raise DataNotFoundError(
+            f"no CIFAR-10 under {root} ({expected}; {why}): set download=True to fetch it, or set root to "
+            f"the folder that contains {CIFAR10_DIR}"
+        )
+    rank_zero_warn(
+        f"DATA FALLBACK: no CIFAR-10 under {root} ({why}); serving the 'sample' dataset instead (scikit-image "
+        f"photos cut into {side}x{side} patches; NOT CIFAR-10, numbers are not comparable with CIFAR-10 results)"
+    )
+    return f"FALLBACK: no cifar10 under {root} ({why}), sample photos served instead"
+
+
+def read_cifar10(directory: Path, names: list[str], notes: dict[str, None]) -> np.ndarray:
+    """CIFAR-10 batches `names` of `directory` as one uint8 (N, 3, 32, 32) array. Files whose md5 is not the
+    official one are still read, warned about once per process and recorded in `notes`."""
     missing = [name for name in names if not (directory / name).is_file()]
     if missing:
         raise DataNotFoundError(
@@ -61,23 +92,26 @@ def read_cifar10(directory: Path, names: Sequence[str]) -> tuple[np.ndarray, lis
         if hashlib.md5(raw, usedforsecurity=False).hexdigest() != CIFAR10_MD5.get(name):
             not_official.append(name)
         images.append(_cifar10_batch(raw, directory / name))
-    return np.concatenate(images), not_official
+    if not_official:
+        notes["files differ from the official CIFAR-10 md5s: not comparable to published work"] = None
+    new = [name for name in not_official if (directory / name).resolve() not in _MD5_WARNED]
+    _MD5_WARNED.update((directory / name).resolve() for name in not_official)
+    if new:
+        rank_zero_warn(
+            f"{directory}: md5 of {', '.join(new)} differs from the official CIFAR-10 files; read anyway (the format "
+            f"is valid), but these are not the official pixels: do not compare results with published CIFAR-10 numbers"
+        )
+    return np.concatenate(images)
 
 
 # The only globals the official batches (Python 2 cPickle) and Python 3 re-pickles of them reference: numpy's
-# array, dtype and scalar constructors (under the numpy 1 and numpy 2 module names) and `_codecs.encode`
-# (protocol 2's encoding of bytes), taken from live objects so numpy's private modules are not imported.
-_RECONSTRUCT = np.zeros(1).__reduce__()[0]
-_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
-_SCALAR = np.int64(0).__reduce__()[0]
-_CIFAR_GLOBALS = {
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): codecs.encode,
-    **{(f"numpy.{core}.multiarray", "_reconstruct"): _RECONSTRUCT for core in ("core", "_core")},
-    **{(f"numpy.{core}.multiarray", "scalar"): _SCALAR for core in ("core", "_core")},
-    **{(f"numpy.{core}.numeric", "_frombuffer"): _FROMBUFFER for core in ("core", "_core")},
-}
+# array, dtype and scalar constructors (numpy 1 and 2 module names) and `_codecs.encode` (protocol 2's bytes),
+# taken from live objects so numpy's private modules are not imported.
+_CIFAR_GLOBALS = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode}
+for _core in ("core", "_core"):
+    _CIFAR_GLOBALS[f"numpy.{_core}.multiarray", "_reconstruct"] = np.zeros(1).__reduce__()[0]
+    _CIFAR_GLOBALS[f"numpy.{_core}.multiarray", "scalar"] = np.int64(0).__reduce__()[0]
+    _CIFAR_GLOBALS[f"numpy.{_core}.numeric", "_frombuffer"] = np.zeros(1).__reduce_ex__(5)[0]
 
 
 class _CifarUnpickler(pickle.Unpickler):

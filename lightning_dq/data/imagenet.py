@@ -1,10 +1,6 @@
-"""Downsampled ImageNet 32/64, the image-net.org npz version (Chrabaszcz et al. 2017), and its memory-mapped cache.
-
-`train_data_batch_1..10.npz` and `val_data.npz` hold `data` uint8 (N, 3*S*S) in CIFAR's planar layout. They are
-converted once, batch by batch, into one `.npy` file per split that every process then reads memory-mapped
-(`lightning-dq prepare`), so no rank holds the 15.7 GB of ImageNet-64 train pixels in RAM. The van den Oord et
-al. (2016) version and its usual conversions are recognised and refused: their bits/dim are not comparable.
-"""
+"""Downsampled ImageNet 32/64, the image-net.org npz version (Chrabaszcz et al. 2017), and its memory-mapped cache:
+the npz files are converted once into one `.npy` per split that every process maps (no rank holds ImageNet-64's
+15.7 GB in RAM). The van den Oord et al. (2016) version is refused: its bits/dim are not comparable."""
 
 from __future__ import annotations
 
@@ -13,7 +9,6 @@ import json
 import os
 import shutil
 import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,19 +28,17 @@ def _refetch(size: int) -> str:
 
 def _oord_message(what: str, size: int) -> str:
     return (
-        f"{what} looks like the van den Oord et al. (2016, PixelRNN) downsampled ImageNet: PNG folders "
-        f"train_{size}x{size}/valid_{size}x{size}, or conversions of them holding (N, {size}, {size}, 3) "
-        f"interleaved-RGB arrays (npz keys trainx/testx, no labels). imagenet{size} reads the image-net.org npz "
-        f"version (Chrabaszcz et al. 2017: train_data_batch_1..10.npz and val_data.npz, key 'data' of planar "
-        f"(N, {3 * size * size}) rows, 1-based labels). The two versions were downsampled differently, so their "
-        f"bits/dim are not comparable: get 'Downsampled ImageNet {size}x{size}' (npz) from {IMAGENET_URL}, or "
-        f"serve the PNG folders with dataset 'folder' and name that version next to every number"
+        f"{what} looks like the van den Oord et al. (2016, PixelRNN) downsampled ImageNet (PNG folders "
+        f"train_{size}x{size}/valid_{size}x{size}, or conversions to (N, {size}, {size}, 3) interleaved-RGB arrays, "
+        f"npz keys trainx/testx). imagenet{size} reads the image-net.org npz version (Chrabaszcz et al. 2017: planar "
+        f"(N, {3 * size * size}) rows under 'data'). The two were downsampled differently, so their bits/dim are not "
+        f"comparable: get 'Downsampled ImageNet {size}x{size}' (npz) from {IMAGENET_URL}, or serve the PNG folders "
+        f"with dataset 'folder' and name that version next to every number"
     )
 
 
 def imagenet_files(root: Path, size: int) -> dict[str, list[Path]]:
-    """The npz files of ImageNet-`size`, directly in `root` or in the official unzipped subfolders
-    (`Imagenet64_train_part1_npz/`, `Imagenet64_val_npz/`, ...): split -> files, in order."""
+    """split -> the npz files of ImageNet-`size` in order, directly in `root` or in the official subfolders."""
     folders = [root] + [root / f"Imagenet{size}_{part}_npz" for part in ("train", "train_part1", "train_part2", "val")]
     found: dict[str, list[Path]] = {split: [] for split in IMAGENET_FILES}
     missing = []
@@ -64,24 +57,23 @@ def imagenet_files(root: Path, size: int) -> dict[str, list[Path]]:
             raise DataError(_oord_message(", ".join(oord), size))
         listing = "all of them" if len(missing) == 11 else ", ".join(missing)
         raise DataNotFoundError(
-            f"ImageNet-{size} files missing under {root}: {listing}. This dataset cannot be downloaded "
-            f"automatically (a login is needed): get 'Downsampled ImageNet {size}x{size}' (npz) from {IMAGENET_URL} "
-            f"and unzip train_data_batch_1..10.npz and val_data.npz into {root} (directly, or as the official "
-            f"subfolders Imagenet{size}_train..._npz/, Imagenet{size}_val_npz/)"
+            f"ImageNet-{size} files missing under {root}: {listing}. It cannot be downloaded automatically (a login "
+            f"is needed): get 'Downsampled ImageNet {size}x{size}' (npz) from {IMAGENET_URL} and unzip "
+            f"train_data_batch_1..10.npz and val_data.npz into {root} (directly or in the official subfolders)"
         )
     return found
 
 
 def npz_image_count(path: Path, size: int) -> int:
-    """The number of images of an npz batch, checked from the header of its `data` array (pixels not read)."""
+    """The image count of an npz batch, checked from the header of its `data` array (pixels not read)."""
     try:
         with zipfile.ZipFile(path) as archive:
             keys = [name.removesuffix(".npy") for name in archive.namelist()]
             if {"trainx", "testx"} & set(keys):
                 raise DataError(_oord_message(f"{path} (keys {', '.join(keys)})", size))
             if "data" not in keys:
-                raise DataError(f"{path}: no 'data' array in this npz file (keys: {', '.join(keys) or 'none'}; "
-                                f"expected data, labels); {_refetch(size)}")  # fmt: skip
+                listing = ", ".join(keys) or "none"
+                raise DataError(f"{path}: no 'data' array (keys: {listing}; expected data, labels); {_refetch(size)}")
             with archive.open("data.npy") as f:
                 shape, dtype = npy_header(f)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
@@ -101,14 +93,13 @@ def imagenet_cache(cache_dir: Path, size: int, split: str) -> Path:
     return cache_dir / f"imagenet{size}_{split}.npy"
 
 
-def _signature(files: Sequence[Path], root: Path, shape: Sequence[int]) -> dict:
-    """What a cache was converted from: npz paths relative to `root` (the data may be mounted elsewhere on
-    another machine) with their byte sizes, the array shape and the cache format."""
+def _signature(files: list[Path], root: Path, shape: tuple[int, ...]) -> dict:
+    """What a cache was converted from: npz paths relative to `root` (it may move) and sizes, shape, format."""
     listing = [[p.relative_to(root).as_posix(), p.stat().st_size] for p in files]
     return {"format": CACHE_FORMAT, "files": listing, "shape": list(shape)}
 
 
-def cache_problem(cache: Path, files: Sequence[Path], root: Path) -> str | None:
+def cache_problem(cache: Path, files: list[Path], root: Path) -> str | None:
     """None when `cache` is complete and was converted from exactly `files`; otherwise what is wrong."""
     meta = cache.with_suffix(".json")
     if not cache.is_file():
@@ -134,13 +125,10 @@ def _bytes(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def convert_npz(files: Sequence[Path], size: int, cache: Path, root: Path) -> None:
-    """Stream npz batches into one uint8 (N, 3, S, S) `.npy` file, one batch in memory at a time.
-
-    Written to a temporary file, then renamed (atomic): a reader never sees a half-written cache. The record
-    (`.json`) is written last, so a cache without one reads as not converted. The free space is checked first.
-    """
+def convert_npz(files: list[Path], size: int, cache: Path, root: Path) -> None:
+    """Stream npz batches, one at a time, into a temporary `.npy` renamed when whole; its `.json` record comes last."""
     counts = [npz_image_count(path, size) for path in files]
+    row = 3 * size * size  # one image: planar (3, S, S) in C order
     shape = (sum(counts), 3, size, size)
     need = int(np.prod(shape, dtype=np.int64)) + 4096
     tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
@@ -158,25 +146,20 @@ def convert_npz(files: Sequence[Path], size: int, cache: Path, root: Path) -> No
             for path, count in zip(files, counts, strict=True):
                 try:
                     with np.load(path, allow_pickle=False) as npz:
-                        data = npz["data"]  # (n, 3*S*S): the planar rows are already (3, S, S) in C order
+                        data = npz["data"]  # (n, row)
                 except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:  # a bad CRC shows only when read
                     why = f"{type(err).__name__}: {err}"
                     raise DataError(f"{path} is not a readable npz file ({why}); {_refetch(size)}") from err
-                if data.shape != (count, 3 * size * size) or data.dtype != np.uint8:
-                    raise DataError(
-                        f"{path}: 'data' is {data.dtype} {data.shape}, its header said ({count}, {3 * size**2})"
-                    )
+                if data.shape != (count, row) or data.dtype != np.uint8:
+                    raise DataError(f"{path}: 'data' is {data.dtype} {data.shape}, its header said ({count}, {row})")
                 f.write(memoryview(np.ascontiguousarray(data)))
         record = {**_signature(files, root, shape), "bytes": tmp.stat().st_size}
         os.replace(tmp, cache)
         tmp.with_suffix(".json").write_text(json.dumps(record))
         os.replace(tmp.with_suffix(".json"), cache.with_suffix(".json"))
     except OSError as err:
-        if isinstance(err, DataError | DataNotFoundError):
-            raise
-        raise DataError(
-            f"cannot write the ImageNet-{size} cache {cache} ({type(err).__name__}: {err}): {where}"
-        ) from err
+        why = f"{type(err).__name__}: {err}"
+        raise DataError(f"cannot write the ImageNet-{size} cache {cache} ({why}): {where}") from err
     finally:
         with contextlib.suppress(OSError):  # e.g. NotADirectoryError when the folder could not be made
             tmp.unlink(missing_ok=True)
@@ -195,16 +178,18 @@ def prepare_imagenet(root: Path, size: int, cache_dir: Path) -> list[Path]:
     return caches
 
 
-def open_imagenet(root: Path, size: int, cache_dir: Path, split: str, prepare_hint: str) -> np.ndarray:
-    """The memory-mapped (N, 3, S, S) cache of one split; a missing or stale cache is a `DataError` naming the
-    command that makes it (`prepare_hint`)."""
+def open_imagenet(root: Path, size: int, cache_dir: Path, split: str) -> np.ndarray:
+    """The memory-mapped (N, 3, S, S) cache of one split; if missing or stale, a `DataError` naming the command."""
+    option = f" --cache_dir {cache_dir}" if cache_dir != root / "lightning_dq_cache" else ""
+    command = f"lightning-dq prepare --dataset imagenet{size} --root {root}{option}"
+    hint = f"convert the npz files once, before training: `{command}` (a single-process run converts in prepare_data())"
     cache = imagenet_cache(cache_dir, size, split)
     problem = cache_problem(cache, imagenet_files(root, size)[split], root)
     if problem is not None:
-        raise DataError(f"no usable imagenet{size} cache for the {split} split ({problem}): {prepare_hint}")
+        raise DataError(f"no usable imagenet{size} cache for the {split} split ({problem}): {hint}")
     try:
         images = np.load(cache, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as err:
-        raise DataError(f"{cache} is not a readable .npy file ({err}): {prepare_hint}") from err
+        raise DataError(f"{cache} is not a readable .npy file ({err}): {hint}") from err
     check_image_array(images, cache)
     return images

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
 from lightning_dq.errors import DataError, DataNotFoundError
@@ -20,13 +21,8 @@ SAMPLE_PHOTOS = {
 }
 
 
-def list_images(directory: Path) -> tuple[list[Path], list[Path]]:
-    """(PNG/JPEG files, other files) under `directory` (recursive), each sorted by relative path.
-
-    Image files of a format this reader does not take (GIF, WebP, TIFF, BMP, ...) raise `DataError`: they
-    would otherwise be dropped without a word. Other files (notes, hidden files) are returned for the
-    caller to report.
-    """
+def list_images(directory: Path, notes: dict[str, None]) -> list[Path]:
+    """PNG/JPEG files under `directory`, sorted; other image formats raise, other files are warned of once (`notes`)."""
     if not directory.is_dir():
         raise DataNotFoundError(f"image folder {directory} does not exist: set root to the folder of PNG/JPEG files")
     files = sorted((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.relative_to(directory).as_posix())
@@ -42,15 +38,18 @@ def list_images(directory: Path) -> tuple[list[Path], list[Path]]:
         raise DataNotFoundError(
             f"no PNG/JPEG images ({', '.join(IMAGE_SUFFIXES)}) found under {directory}: set root to the image folder"
         )
-    return images, [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        note = f"{len(others)} non-image files under {directory} not used (e.g. {others[0].name})"
+        if note not in notes:
+            rank_zero_warn(f"{note}: only {len(images)} PNG/JPEG files there are images of this dataset")
+        notes[note] = None
+    return images
 
 
 def read_image(path: Path, size: int) -> np.ndarray:
-    """One image file as uint8 (3, size, size): the centred square crop, box-resized (never upscaled).
-
-    Grey and palette images become RGB; an alpha channel is dropped. Pillow's BOX filter is an area
-    average, the same kind of reduction as `box_reduce`.
-    """
+    """One image file as uint8 (3, size, size): the centred square crop, box-resized (an area average, like
+    `box_reduce`; never upscaled). Grey and palette images become RGB; an alpha channel is dropped."""
     try:
         with Image.open(path) as im:
             im.verify()  # PNG chunk CRCs and structure: load() alone accepts some truncated PNGs
@@ -77,8 +76,19 @@ def read_image(path: Path, size: int) -> np.ndarray:
     return np.asarray(rgb).transpose(2, 0, 1).copy()  # (3, S, S)
 
 
-def read_folder(paths: Sequence[Path], size: int) -> np.ndarray:
-    """Image files as one uint8 (N, 3, size, size) array, in the given order."""
+def read_folder(root: Path, split: str, size: int, notes: dict[str, None]) -> np.ndarray:
+    """The images of `split` as one uint8 (N, 3, size, size) array: those of `root/train/` or `root/test/` when
+    either exists, else every 10th image of `root` (sorted) is test. `notes` as for `list_images`."""
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        paths = list_images(root / split, notes)
+    else:
+        paths = list_images(root, notes)
+        if len(paths) < 10:
+            raise DataError(
+                f"{root} holds {len(paths)} images: every 10th is held out as test, so at least 10 are needed "
+                f"(or make {root / 'train'} and {root / 'test'} subfolders)"
+            )
+        paths = paths[9::10] if split == "test" else [p for i, p in enumerate(paths) if i % 10 != 9]
     images = np.empty((len(paths), 3, size, size), np.uint8)
     for i, path in enumerate(paths):
         images[i] = read_image(path, size)
@@ -99,8 +109,7 @@ def sample_photo(name: str) -> np.ndarray:
 
 
 def sample_patches(names: Sequence[str], size: int) -> np.ndarray:
-    """Non-overlapping size x size patches of the named photos: row-major grid from the top-left corner
-    of each photo, the leftover right and bottom strips (narrower than a patch) unused. (N, 3, S, S)."""
+    """Non-overlapping size x size patches (N, 3, S, S) of the named photos, row-major; narrower edge strips unused."""
     patches = []
     for name in names:
         photo = sample_photo(name)
@@ -111,8 +120,7 @@ def sample_patches(names: Sequence[str], size: int) -> np.ndarray:
 
 
 def synthetic_images(count: int, size: int, seed: int | Sequence[int]) -> np.ndarray:
-    """`count` seeded structured images (N, 3, S, S): a two-colour gradient at a random angle with one
-    rectangle, disc or stripe pattern on top. NOT natural images: for tests and smoke runs only."""
+    """`count` seeded (N, 3, S, S) images, a gradient under a rectangle, disc or stripes: for tests and smoke runs."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)  # (S, S) each, in [0, 1]
     images = np.empty((count, 3, size, size), np.uint8)

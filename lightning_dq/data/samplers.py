@@ -11,17 +11,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 class EvenShardSampler(DistributedSampler):
-    """Evaluation batches of one DDP rank: every image of the split exactly once over all ranks, and the same
-    number of batches on every rank.
+    """Evaluation batches of one DDP rank: every image exactly once over all ranks, the same batch count on each.
 
     Rank r gets the r-th of `num_replicas` contiguous shards (sizes differ by at most one), cut into
-    ceil(ceil(N / num_replicas) / batch_size) batches of near-equal size. Equal batch counts keep per-step
-    collectives matched, and no rank is left with no batch at all (Lightning would skip its whole evaluation loop,
-    epoch-end metric syncs included, while the others wait in them): when a split has fewer images than ranks, a
-    rank without an image gets one empty batch. Lightning's own `DistributedSampler` pads shards with repeated
-    images instead, counting up to `num_replicas - 1` images twice.
-
-    Yields lists of positions: use it with `DataLoader(dataset, batch_size=None, sampler=...)`.
+    ceil(ceil(N / num_replicas) / batch_size) near-equal batches: equal counts keep per-step collectives matched, and
+    a rank without images gets one empty batch (with none, Lightning would skip its evaluation loop and epoch-end
+    syncs while the others wait). `DistributedSampler` instead pads with up to `num_replicas - 1` repeated images.
+    Yields lists of positions, for `DataLoader(dataset, batch_size=None, sampler=...)`.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int, rank: int) -> None:
@@ -40,10 +36,8 @@ class EvenShardSampler(DistributedSampler):
 
 
 class TrainSampler(DistributedSampler):
-    """The training order: torch's `DistributedSampler` shuffle, a function of (seed, epoch) (Lightning calls
-    `set_epoch`), also in a single process, so Lightning keeps it under DDP. After `skip` is set, the next
-    iteration starts that many indices later: whole batches, indices only, no image is read.
-    """
+    """The training order: `DistributedSampler`'s shuffle of (seed, epoch) (Lightning calls `set_epoch`), also in one
+    process, so Lightning keeps it under DDP. Once `skip` is set, the next iteration starts that many indices later."""
 
     skip = 0
 
@@ -53,10 +47,8 @@ class TrainSampler(DistributedSampler):
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning checkpoints mid-epoch (its stateful-loader protocol, `state_dict` and
-    `load_state_dict`): its state is the number of batches handed out in the current iteration (Lightning does not
-    prefetch from loaders with a length, so that is the number trained on); after a restore, its `TrainSampler`
-    skips that many batches of the epoch's order."""
+    """A DataLoader Lightning checkpoints mid-epoch: its state is the batches handed out this iteration (Lightning does
+    not prefetch from sized loaders: the number trained on), which its `TrainSampler` skips after a restore."""
 
     _yielded = 0
 

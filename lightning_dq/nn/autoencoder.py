@@ -1,10 +1,8 @@
 """`HierarchicalAutoEncoder`: the hierarchical DQ auto-encoder of the paper's official code (dq.py).
 
-Bottom-up encoders give features at L levels (each halves the grid of the one below); levels are quantized top
-down, each lower level quantizing its own features concatenated with a 2x up-sampling decoder of the quantized
-level above (VQ-VAE-2 style); every level's quantized tensor is brought to a common grid (H / stride) and the
-concatenation is decoded into the parameters of a per-sub-pixel likelihood head. Fully convolutional: the same
-weights run on 32x32 and 64x64 images. Lists of levels are TOP LEVEL FIRST; images enter as uint8 (B, 3, H, W).
+Bottom-up encoders give L levels, each half the grid of the one below; levels are quantized top down, each with the
+decoded level above (VQ-VAE-2 style); all levels, brought to the grid H / stride, are decoded into a likelihood
+head's parameters. Fully convolutional (32x32 and 64x64 with one set of weights); levels are listed TOP FIRST.
 """
 
 from __future__ import annotations
@@ -110,9 +108,8 @@ class HierarchicalAutoEncoder(nn.Module):
         decay: EMA decay of the codebooks.
         dead_code_threshold: EMA count below which a code is restarted from the batch (0 disables).
         commitment_reduction: commitment summed ("sum", the paper's code) or averaged over the M codebooks.
-        init: "default" keeps PyTorch's initialisation (the paper's code). "kaiming": He-normal convolutions and
-            zero-initialised residual branches. With "default" the deep decoder starts almost blind to its input,
-            so the upper levels collapse to a few codes before it learns to use them (docs/results.md).
+        init: "default" keeps PyTorch's initialisation (the paper's code); "kaiming": He-normal convolutions and
+            zero residual branches, without which the upper levels collapse to a few codes early (docs/results.md).
     """
 
     def __init__(
@@ -134,7 +131,6 @@ class HierarchicalAutoEncoder(nn.Module):
         init: Literal["default", "kaiming"] = "default",
     ) -> None:
         super().__init__()
-        # the constructor arguments: checkpoints store them, so the network is rebuilt from the file alone
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.config["codebook_sizes"] = list(codebook_sizes)
         if not codebook_sizes or channels < 2 or channels % 2:
@@ -163,8 +159,8 @@ class HierarchicalAutoEncoder(nn.Module):
         )
         # conditioning decoders: quantized level l+1 -> features on level l's grid
         self.conditioners = nn.ModuleList(Decoder(md, c, c, 2, **block) for _ in range(levels - 1))
-        # each level's quantized tensor -> the common grid H / stride, C channels: level l sits 2^(coder_blocks-1+l)
-        # below it (nearest-neighbour up-sampling by 2^(l-1) for l >= 2, then up-sampling decoders)
+        # each level -> the common grid H / stride: level l sits 2^(coder_blocks-1+l) below it (nearest-neighbour
+        # up-sampling by 2^(l-1) for l >= 2, then up-sampling decoders)
         self.upsamplers = nn.ModuleList()
         for level in range(levels):
             if level == 0:
@@ -183,8 +179,7 @@ class HierarchicalAutoEncoder(nn.Module):
             self._kaiming_init()
 
     def _kaiming_init(self) -> None:
-        """He-normal convolutions (variance-preserving under ReLU), zero biases, and a zero last conv in every
-        residual branch so each block starts as the identity (the codebooks are initialised from data)."""
+        """He-normal convolutions, zero biases, and a zero last conv in every residual branch (identity blocks)."""
         for module in self.modules():
             if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
                 # a transposed conv's weight is (in, out, k, k): its fan-in per output is along dim 0
@@ -228,10 +223,8 @@ class HierarchicalAutoEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> list[Tensor]:
-        """uint8 images (B, 3, H, W) -> codes per level, top first, each (B, M, h_l, w_l) int64.
-
-        Runs the quantizers in eval mode whatever the network's mode, so encoding never changes a codebook.
-        """
+        """uint8 images (B, 3, H, W) -> codes per level, top first, each (B, M, h_l, w_l) int64, in eval mode whatever
+        the network's mode: encoding never changes a codebook."""
         training = self.training
         self.eval()
         try:
@@ -240,11 +233,8 @@ class HierarchicalAutoEncoder(nn.Module):
             self.train(training)
 
     def decode(self, codes: Sequence[Tensor], keep_levels: Sequence[int] | None = None) -> Tensor:
-        """Codes per level (top first) -> head parameters (B, head_channels, H, W).
-
-        keep_levels: indices (0 = top) of the levels to use; the others are replaced by zeros (the "what each
-        level encodes" figure). None keeps all levels.
-        """
+        """Codes per level (top first) -> head parameters (B, head_channels, H, W); with `keep_levels` (indices, 0 =
+        top), the other levels are replaced by zeros (the "what each level encodes" figure)."""
         self.geometry.check_codes(codes)
         keep = set(range(self.num_levels)) if keep_levels is None else set(keep_levels)
         if not keep <= set(range(self.num_levels)):
@@ -271,8 +261,7 @@ class HierarchicalAutoEncoder(nn.Module):
 
 @torch.compiler.disable
 def _quantize_eager(quantizer: DepthwiseQuantizer, x: Tensor) -> QuantizerOutput:
-    """A quantizer outside torch.compile: its codebook upkeep (data-dependent init, restarts, collectives) does
-    not trace, and its maths is small next to the convolutions."""
+    """A quantizer outside torch.compile: its codebook upkeep (init, restarts, collectives) does not trace."""
     return quantizer(x)
 
 

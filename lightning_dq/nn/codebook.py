@@ -1,8 +1,5 @@
-"""`Codebook`: M EMA codebooks of K codes of dimension D, all their maths in one batched computation.
-
-Rules learned from the VQ libraries' bug trackers: fp32 with autocast off, no (N, K) one-hot matrices, no
-Python loop over codebooks, statistics all-reduced before the EMA step, restarts and data-dependent init
-drawn on rank 0 and broadcast, so every rank holds identical codebooks.
+"""`Codebook`: M EMA codebooks of K codes of dimension D, all their maths in one batched computation: fp32, no
+one-hot matrices, no loop over codebooks, statistics all-reduced and restarts broadcast (identical on every rank).
 """
 
 from __future__ import annotations
@@ -26,10 +23,8 @@ def stacked_index(codes: Tensor, codebook_size: int) -> Tensor:
 
 
 def code_histogram(codes: Tensor, codebook_size: int) -> Tensor:
-    """Counts of each code per codebook: `(M, N)` -> `(M, K)` float32, exact below 2**24 per bin.
-
-    One `index_add_`: `torch.bincount` reads its maximum back to the host (a sync per call on GPUs).
-    """
+    """Counts of each code per codebook `(M, N)` -> `(M, K)` float32 (exact below 2**24), by one `index_add_`:
+    `torch.bincount` reads its maximum back to the host, a sync per call on GPUs."""
     m = codes.shape[0]
     index = stacked_index(codes, codebook_size).flatten()  # (M*N,)
     counts = torch.zeros(m * codebook_size, device=codes.device)
@@ -59,12 +54,8 @@ def sample_rows(x: Tensor, k: int) -> Tensor:
 
 
 def kmeans_plus_plus(x: Tensor, k: int) -> Tensor:
-    """k-means++ seeds per codebook: k vectors of `x` `(M, N, D)` -> `(M, k, D)`, N >= k.
-
-    Each next seed is drawn with probability proportional to its squared distance to the nearest seed so
-    far, so seeds spread over the clusters: a plain random sample often puts two codes in one cluster, a
-    local optimum the EMA updates never leave.
-    """
+    """k-means++ seeds per codebook: k vectors of `x` `(M, N, D)` -> `(M, k, D)`, N >= k. A plain random sample
+    often puts two codes in one cluster, a local optimum the EMA updates never leave."""
     m, n, d = x.shape
     rows = torch.arange(m, device=x.device)
     seeds = [x[rows, torch.randint(n, (m,), device=x.device)]]  # k tensors of (M, D)
@@ -88,18 +79,11 @@ class CodebookStats(NamedTuple):
 class Codebook(nn.Module):
     """M EMA codebooks of K codes of dimension D, updated in one batched computation.
 
-    State, all fp32 buffers (saved in checkpoints): `embed` (M, K, D) the codes, `cluster_size` (M, K) the EMA
-    assignment counts, `embed_avg` (M, K, D) the EMA sums of assigned vectors, `initialized`.
-
-    Dead-code restart: a code whose EMA count falls below `dead_code_threshold` gets a vector sampled from the
-    batch and its statistics are reset to count = threshold, sum = sample * threshold (the official code keeps
-    the stale statistics, so the next EMA step pulls the code back). `restart_enabled` gates it per pass
-    (`lightning_dq.training.callbacks.CodebookReset` schedules it). The first training pass initialises every
-    code the same way from k-means++ seeds of the batch.
-
-    A pass whose vectors hold NaN/inf on any rank changes no codebook on any rank: each rank's "finite" flag
-    rides in the all-reduce of the counts and every update is gated on the global flag with `torch.where`,
-    with no host sync.
+    Buffers (fp32, in checkpoints): `embed` (M, K, D), the EMA counts `cluster_size` (M, K) and sums `embed_avg`.
+    A code whose EMA count falls below `dead_code_threshold` is restarted from a batch vector with its statistics
+    reset to count = threshold (the official code keeps the stale ones, which pull the code back); `restart_enabled`
+    gates this per pass (`CodebookReset`). The first training pass sets every code that way from k-means++ seeds.
+    A pass with NaN/inf vectors on any rank changes no codebook on any rank (gated with `torch.where`, no sync).
 
     Args:
         num_codebooks: M, the number of independent codebooks.
@@ -138,8 +122,7 @@ class Codebook(nn.Module):
         self.register_buffer("cluster_size", torch.ones(num_codebooks, codebook_size))  # (M, K)
         self.register_buffer("embed_avg", embed.clone())  # (M, K, D)
         self.register_buffer("initialized", torch.tensor(False))
-        # Python-side cache of `initialized`, so training passes do not read the buffer (a host sync);
-        # forgotten when a state dict is loaded (it may bring either value)
+        # Python-side cache of `initialized` (reading the buffer syncs the host); forgotten on load_state_dict
         self._known_initialized = False
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
@@ -172,8 +155,8 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: Tensor, finite: Tensor) -> None:
-        """Data-dependent init from `x` `(M, N, D)`: k-means++ seeds, every code "restarted". If any rank's batch
-        is not `finite`, nothing changes and the init runs again on the next training pass."""
+        """Data-dependent init from `x` `(M, N, D)`: k-means++ seeds, every code "restarted"; if any rank's batch is
+        not `finite`, nothing changes and the next training pass tries again."""
         x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # k-means++ weights must be finite
         k = self.codebook_size
         seeds = kmeans_plus_plus(x, k) if x.shape[1] >= k else sample_rows(x, k)  # (M, K, D)
@@ -185,10 +168,8 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def update(self, x: Tensor, codes: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
-        """One EMA step from vectors `(M, N, D)` and their codes `(M, N)`, gated on `finite` (this rank's batch).
-
-        Returns the counts `(M, K)` summed over ranks and whether every rank's batch was finite (`()` bool).
-        """
+        """One EMA step from vectors `(M, N, D)` and their codes `(M, N)`, gated on `finite` (this rank's batch);
+        returns the counts `(M, K)` summed over ranks and whether every rank's batch was finite (`()` bool)."""
         m, k, d = self.num_codebooks, self.codebook_size, self.code_dim
         index = stacked_index(codes, k).flatten()  # (M*N,)
         counts = code_histogram(codes, k)  # (M, K)
@@ -215,9 +196,7 @@ class Codebook(nn.Module):
     @torch.no_grad()
     def restart_dead_codes(self, x: Tensor, ok: Tensor) -> Tensor:
         """Replace dead codes by vectors sampled from `x` `(M, N, D)` if `ok`; returns the count per codebook `(M,)`.
-
-        The dead mask comes from all-reduced statistics and the samples from rank 0, so every rank restarts the
-        same codes to the same vectors; the broadcast runs unconditionally, so no rank skips a collective.
+        The mask comes from all-reduced counts, the samples from rank 0 (broadcast unconditionally: no rank skips it).
         """
         dead = self.dead_codes() & ok  # (M, K)
         samples = broadcast_from_rank0_(sample_rows(x, self.codebook_size).contiguous())  # (M, K, D)

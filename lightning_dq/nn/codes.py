@@ -1,7 +1,5 @@
-"""`CodeGeometry`: the code structure of a hierarchical auto-encoder, the one source of code grid shapes.
-
-Codes are lists of int64 tensors (B, M, h_l, w_l), TOP LEVEL FIRST (coarsest grid first). Their sequence
-order, used by the prior, code files and the codec, is level (top first), row, column, codebook.
+"""`CodeGeometry`: the code structure of an auto-encoder, the one source of code grid shapes. Codes are lists of
+int64 (B, M, h_l, w_l), top level first; their sequence order (prior, code files, codec) is level, row, column, M.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ from lightning_dq.errors import ConfigError
 
 @dataclass(frozen=True)
 class CodeGeometry:
-    """Codebook sizes, codebooks per level and down-sampling of an auto-encoder (`HierarchicalAutoEncoder.geometry`).
+    """The code structure of an auto-encoder (`HierarchicalAutoEncoder.geometry`).
 
     Args:
         codebook_sizes: K per level, top level first.
@@ -86,12 +84,14 @@ class CodeGeometry:
         try:
             self.check(resolution)
         except ConfigError as err:
-            raise ValueError(f"codes[-1] of shape {tuple(codes[-1].shape)} implies {resolution}x{resolution} images: {err}") from None
+            raise ValueError(
+                f"codes[-1] of shape {tuple(codes[-1].shape)} implies {resolution}x{resolution} images: {err}"
+            ) from None
         for level, (c, (h, w, m, k)) in enumerate(zip(codes, self.shapes(resolution), strict=True)):
             if tuple(c.shape) != (codes[0].shape[0], m, h, w):
                 raise ValueError(
-                    f"codes[{level}] (level {level}, top first) must have shape (B, M, h, w) = {(codes[0].shape[0], m, h, w)} "
-                    f"for {resolution}x{resolution} images, got {tuple(c.shape)}"
+                    f"codes[{level}] (level {level}, top first) must have shape (B, M, h, w) = "
+                    f"{(codes[0].shape[0], m, h, w)} for {resolution}x{resolution} images, got {tuple(c.shape)}"
                 )
             low, high = (int(v) for v in torch.aminmax(c)) if values and c.numel() else (0, 0)
             if low < 0 or high >= k:

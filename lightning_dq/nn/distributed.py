@@ -1,8 +1,5 @@
-"""The one answer to "am I distributed?", decided at call time, and the collectives the networks use.
-
-Lightning builds the model before the process group exists, so nothing may decide this in `__init__`.
-Every helper is a no-op in a single process.
-"""
+"""The one answer to "am I distributed?", at call time (Lightning builds models before the process group exists),
+and the collectives of the networks: no-ops in a single process."""
 
 from __future__ import annotations
 

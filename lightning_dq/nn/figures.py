@@ -1,10 +1,6 @@
-"""The three bits/dim figures of the likelihood protocol, image by image: the one place they are computed.
-
-With D = 3*H*W sub-pixels and the deterministic codes z(x) of an image x:
-
-- A, `bpd_decoder` = -log2 p(x | z(x)) / D: decoder only, NOT a bound on -log2 p(x) (the codes are free);
-- B, `bpd_uniform` = A + sum_l h_l*w_l*M*log2 K_l / D: the codes at a uniform cost, a valid bound;
-- C, `bpd_prior` = A - log2 p_prior(z(x)) / D: the codes under the learned prior, a valid bound (headline).
+"""The three bits/dim figures, image by image, the one place they are computed (D = 3*H*W, codes z(x)):
+A `bpd_decoder` = -log2 p(x | z(x)) / D (NOT a bound: the codes are free); B `bpd_uniform` = A + sum_l h*w*M*log2 K / D
+(a bound); C `bpd_prior` = A - log2 p_prior(z(x)) / D (a bound, the headline).
 """
 
 from __future__ import annotations

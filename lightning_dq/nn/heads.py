@@ -1,19 +1,15 @@
-"""Likelihood heads of the decoder over 8-bit RGB targets `x` (B, 3, H, W): NLL, sampling, reconstruction.
+"""Likelihood heads over 8-bit RGB targets (B, 3, H, W): "mix" (discretized mixture of logistics with channel-
+autoregressive means, PixelCNN++/VDVAE style), "categorical" (256-way softmax) and "mse" (a loss, NOT a likelihood).
 
-- "mix": discretized mixture of logistics (PixelCNN++ / VDVAE style) with channel-autoregressive means;
-- "categorical": a 256-way softmax per sub-pixel;
-- "mse": squared error in [-1, 1] units, a training loss, NOT a likelihood (it has no bits/dim).
-
-Every NLL is in nats per sub-pixel; `lightning_dq.nn.figures` converts to bits/dim. All maths runs in fp32 with
-autocast off: bf16 keeps 8 mantissa bits, so a log-probability near -2.5 nats would be rounded by up to ~0.01.
+Every NLL is in nats per sub-pixel. All maths is fp32 with autocast off: bf16 would round a log-probability near
+-2.5 nats by up to ~0.01, enough to move a bits/dim figure in its second decimal.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
-from typing import Literal, TypeVar
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +18,6 @@ from torch import Tensor
 Head = Literal["mix", "categorical", "mse"]
 LOG_SCALE_MIN = -7.0  # as VDVAE: bounds the sharpness of a logistic to ~4.3 scales per half-bin
 HALF_BIN = 1.0 / 255.0  # half-width of one of the 256 bins on the [-1, 1] scale
-
-_Fn = TypeVar("_Fn", bound=Callable[..., Tensor])
 
 
 def to_unit_range(x: Tensor) -> Tensor:
@@ -34,7 +28,7 @@ def to_unit_range(x: Tensor) -> Tensor:
     return x.float() / 127.5 - 1.0
 
 
-def _fp32(fn: _Fn) -> _Fn:
+def fp32(fn):
     """Run `fn(params, ...)` with params in fp32 and autocast off."""
 
     @functools.wraps(fn)
@@ -44,7 +38,7 @@ def _fp32(fn: _Fn) -> _Fn:
         with torch.autocast(params.device.type, enabled=False):
             return fn(params.float(), *args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def _describe(t: object) -> str:
@@ -56,7 +50,7 @@ def _check_params(params: Tensor, channels: int, head: str) -> None:
         raise ValueError(f"params must have shape (B, {channels}, H, W) for head {head!r}, got {_describe(params)}")
 
 
-def _targets(x: Tensor, params: Tensor) -> Tensor:
+def targets(x: Tensor, params: Tensor) -> Tensor:
     """Checked bin centres (B, 3, H, W) of the uint8 targets `x`, which must match `params` in B, H, W."""
     centres = to_unit_range(x)
     if x.shape[0] != params.shape[0] or x.shape[2:] != params.shape[2:]:
@@ -64,15 +58,7 @@ def _targets(x: Tensor, params: Tensor) -> Tensor:
     return centres
 
 
-def _check_temperature(temperature: float) -> None:
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-
-
-# --- discretized mixture of logistics ("mix") -------------------------------------------------------------
-
-
-def _dmol_split(params: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def dmol_split(params: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(B, 10n, H, W) -> logits (B, n, H, W) and means, log-scales, coeffs, each (B, 3, n, H, W).
 
     Channel order: n mixture logits, then 3n means, 3n log-scales, 3n coefficients, each block channel-major
@@ -86,14 +72,14 @@ def _dmol_split(params: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return params[:, :n], means, log_scales.clamp(min=LOG_SCALE_MIN), torch.tanh(coeffs)
 
 
-def _ar_means(means: Tensor, coeffs: Tensor, r: Tensor, g: Tensor) -> Tensor:
+def ar_means(means: Tensor, coeffs: Tensor, r: Tensor, g: Tensor) -> Tensor:
     """Means of R, G | R, B | R, G (B, 3, n, H, W) given the R and G bin centres r, g (B, 1, H, W)."""
     green = means[:, 1] + coeffs[:, 0] * r
     blue = means[:, 2] + coeffs[:, 1] * r + coeffs[:, 2] * g
     return torch.stack([means[:, 0], green, blue], dim=1)
 
 
-def _bin_log_prob(k: Tensor, centre: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+def bin_log_prob(k: Tensor, centre: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
     """log P(bin k) of a logistic; bin k spans centre +- HALF_BIN, the edge bins take the tails."""
     inv_s = torch.exp(-log_scale)
     upper = inv_s * (centre - mean + HALF_BIN)  # standardised bin edges
@@ -110,20 +96,20 @@ def _bin_log_prob(k: Tensor, centre: Tensor, mean: Tensor, log_scale: Tensor) ->
     return torch.where(k == 0, F.logsigmoid(upper), torch.where(k == 255, F.logsigmoid(-lower), interior))
 
 
-@_fp32
+@fp32
 def dmol_nll(params: Tensor, x: Tensor) -> Tensor:
     """Per-image NLL (B,) in nats per sub-pixel of uint8 images x (B, 3, H, W) under the mixture."""
-    centres = _targets(x, params)  # (B, 3, H, W)
-    logits, means, log_scales, coeffs = _dmol_split(params)
-    mean = _ar_means(means, coeffs, centres[:, 0:1], centres[:, 1:2])  # teacher-forced on the true R, G
-    logp = _bin_log_prob(x.unsqueeze(2), centres.unsqueeze(2), mean, log_scales)  # (B, 3, n, H, W)
+    centres = targets(x, params)  # (B, 3, H, W)
+    logits, means, log_scales, coeffs = dmol_split(params)
+    mean = ar_means(means, coeffs, centres[:, 0:1], centres[:, 1:2])  # teacher-forced on the true R, G
+    logp = bin_log_prob(x.unsqueeze(2), centres.unsqueeze(2), mean, log_scales)  # (B, 3, n, H, W)
     per_pixel = torch.logsumexp(F.log_softmax(logits, dim=1) + logp.sum(1), dim=1)  # (B, H, W)
     return -per_pixel.mean(dim=(1, 2)) / 3.0
 
 
 def _dmol_draw(params: Tensor, temperature: float, component: Tensor) -> Tensor:
     """Draw R, then G | R, then B | R, G from one chosen component per pixel (B, 1, H, W); uint8 out."""
-    _, means, log_scales, coeffs = _dmol_split(params)
+    _, means, log_scales, coeffs = dmol_split(params)
     pick = component.unsqueeze(1).expand(-1, 3, -1, -1, -1)  # (B, 3, 1, H, W)
     means, log_scales, coeffs = (t.gather(2, pick).squeeze(2) for t in (means, log_scales, coeffs))
     values, centres = [], []
@@ -144,71 +130,64 @@ def _dmol_draw(params: Tensor, temperature: float, component: Tensor) -> Tensor:
     return torch.stack(values, dim=1).to(torch.uint8)  # (B, 3, H, W)
 
 
-@_fp32
+@fp32
 def dmol_sample(params: Tensor, temperature: float = 1.0) -> Tensor:
     """Sample uint8 images (B, 3, H, W); temperature scales the logistic scales, not the mixture weights."""
-    _check_temperature(temperature)
-    logits = _dmol_split(params)[0]  # (B, n, H, W)
+    logits = dmol_split(params)[0]  # (B, n, H, W)
     gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp(min=torch.finfo(logits.dtype).tiny)))
     return _dmol_draw(params, temperature, (logits + gumbel).argmax(1, keepdim=True))
 
 
-@_fp32
+@fp32
 def dmol_reconstruct(params: Tensor) -> Tensor:
     """Deterministic image: the autoregressive mean of each pixel's most probable component, rounded (not the
     mode of the mixture)."""
-    return _dmol_draw(params, 0.0, _dmol_split(params)[0].argmax(1, keepdim=True))
+    return _dmol_draw(params, 0.0, dmol_split(params)[0].argmax(1, keepdim=True))
 
 
-# --- 256-way categorical ("categorical") and squared error ("mse") -----------------------------------------
-
-
-def _categorical_logits(params: Tensor) -> Tensor:
+def categorical_logits(params: Tensor) -> Tensor:
     """(B, 768, H, W) -> (B, 3, 256, H, W): channel c*256 + k is the logit of value k in channel c."""
     _check_params(params, 3 * 256, "categorical")
     b, _, h, w = params.shape
     return params.reshape(b, 3, 256, h, w)
 
 
-@_fp32
+@fp32
 def categorical_nll(params: Tensor, x: Tensor) -> Tensor:
     """Per-image NLL (B,) in nats per sub-pixel under a 256-way softmax per sub-pixel."""
-    _targets(x, params)
-    logp = F.log_softmax(_categorical_logits(params), dim=2)  # (B, 3, 256, H, W)
+    targets(x, params)
+    logp = F.log_softmax(categorical_logits(params), dim=2)  # (B, 3, 256, H, W)
     return -logp.gather(2, x.long().unsqueeze(2)).mean(dim=(1, 2, 3, 4))
 
 
-@_fp32
+@fp32
 def categorical_sample(params: Tensor, temperature: float = 1.0) -> Tensor:
     """Sample uint8 images (B, 3, H, W) from softmax(logits / temperature); temperature 0 is the argmax."""
-    _check_temperature(temperature)
-    logits = _categorical_logits(params)
+    logits = categorical_logits(params)
     u = torch.rand_like(logits).clamp(min=torch.finfo(logits.dtype).tiny)
     # Gumbel-max: argmax(logits / T + g) == argmax(logits + T * g), which stays defined at T = 0
     return (logits - temperature * torch.log(-torch.log(u))).argmax(2).to(torch.uint8)
 
 
-@_fp32
+@fp32
 def categorical_reconstruct(params: Tensor) -> Tensor:
     """The most probable value of every sub-pixel, uint8 (B, 3, H, W)."""
-    return _categorical_logits(params).argmax(2).to(torch.uint8)
+    return categorical_logits(params).argmax(2).to(torch.uint8)
 
 
-@_fp32
+@fp32
 def mse_loss(params: Tensor, x: Tensor) -> Tensor:
     """Per-image mean squared error (B,) between params and x in [-1, 1]: a loss, NOT a likelihood."""
     _check_params(params, 3, "mse")
-    return (params - _targets(x, params)).pow(2).mean(dim=(1, 2, 3))
+    return (params - targets(x, params)).pow(2).mean(dim=(1, 2, 3))
 
 
-@_fp32
+@fp32
 def mse_reconstruct(params: Tensor) -> Tensor:
     """Clamp params (B, 3, H, W) to [-1, 1] and round back to uint8."""
     _check_params(params, 3, "mse")
     return torch.round((params.clamp(-1, 1) + 1) * 127.5).to(torch.uint8)
 
-
-# --- one entry point per operation ------------------------------------------------------------------------
 
 _NLL = {"mix": dmol_nll, "categorical": categorical_nll, "mse": mse_loss}
 _SAMPLE = {"mix": dmol_sample, "categorical": categorical_sample}
@@ -224,16 +203,16 @@ def head_channels(head: Head, num_mixtures: int = 10) -> int:
     return {"mix": 10 * num_mixtures, "categorical": 3 * 256, "mse": 3}[head]
 
 
-def _checked(head: Head, params: Tensor, num_mixtures: int) -> None:
+def checked(head: Head, params: Tensor, num_mixtures: int) -> None:
     channels = head_channels(head, num_mixtures)
-    if isinstance(params, Tensor):  # non-tensors are rejected by `_fp32`
+    if isinstance(params, Tensor):  # non-tensors are rejected by `fp32`
         _check_params(params, channels, head)
 
 
 def head_nll(head: Head, params: Tensor, x: Tensor, num_mixtures: int = 10) -> Tensor:
     """Per-image reconstruction loss (B,): the NLL in nats per sub-pixel ("mix", "categorical"), or the MSE
     in [-1, 1] units ("mse": not a likelihood, never convert it to bits/dim)."""
-    _checked(head, params, num_mixtures)
+    checked(head, params, num_mixtures)
     return _NLL[head](params, x)
 
 
@@ -241,11 +220,13 @@ def head_sample(head: Head, params: Tensor, num_mixtures: int = 10, temperature:
     """Sample uint8 images (B, 3, H, W) from a likelihood head; "mse" has no distribution and raises."""
     if head == "mse":
         raise ValueError("head 'mse' is a regression loss with no distribution to sample: use head_reconstruct")
-    _checked(head, params, num_mixtures)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    checked(head, params, num_mixtures)
     return _SAMPLE[head](params, temperature)
 
 
 def head_reconstruct(head: Head, params: Tensor, num_mixtures: int = 10) -> Tensor:
     """Deterministic uint8 reconstruction (B, 3, H, W) from the head's parameters."""
-    _checked(head, params, num_mixtures)
+    checked(head, params, num_mixtures)
     return _RECONSTRUCT[head](params)

@@ -1,17 +1,10 @@
-"""`CodePrior`: an autoregressive Transformer prior over the codes of every level of a hierarchical auto-encoder.
+"""`CodePrior`: an autoregressive Transformer prior over the codes of every level (figure C's code cost).
 
-Figure C charges each image -log p_prior(z(x)) for its codes: `log_prob` gives it exactly (teacher-forced, in
-nats), `sample` draws codes, and `PriorStream` decodes one position at a time (sampling and the codec).
-
-- ONE causal decoder-only Transformer (pre-LayerNorm, `F.scaled_dot_product_attention`) over every code of every
-  level in sequence order (level top first, row, column, codebook), so each lower level is conditioned on all
-  levels above it, with one set of weights and one KV cache.
-- Input at position t = the embedding of token t-1 (a learned BOS at t=0) + the learned embeddings of position
-  t's level, row, column and codebook: hidden state t knows which code it predicts but sees only codes < t.
-  Tokens are embedded per (level, codebook, code): the same integer in another codebook is another symbol.
-- One linear head per level to its K_l logits, in fp32 (bf16 logits would move a bits/dim figure in its second
-  decimal), initialised at ZERO: a fresh prior is exactly uniform, `log_prob` equals figure B's code cost.
-- Rows and columns are absolute grid indices (< `max_grid`): the same weights serve 32x32 and 64x64 images.
+One causal pre-LayerNorm Transformer over every code in sequence order (level top first, row, column, codebook),
+so each level is conditioned on the levels above it. The input at t is the embedding of token t-1 (BOS at t=0,
+tokens per (level, codebook, code)) plus learned level, row, column and codebook embeddings of t. One fp32 linear
+head per level, initialised at zero: a fresh prior is exactly uniform (figure B). Rows and columns are absolute
+indices (< `max_grid`), so the same weights serve 32x32 and 64x64 images.
 """
 
 from __future__ import annotations
@@ -121,8 +114,7 @@ class CodePrior(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """GPT-2 style N(0, 0.02) weights, zero biases, identity LayerNorms; residual output projections scaled by
-        1/sqrt(2*depth) so the residual stream does not grow with depth; zero heads, so a fresh prior is uniform."""
+        """GPT-2 style: N(0, 0.02) weights, residual output projections / sqrt(2 * depth); zero heads (uniform)."""
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
                 nn.init.normal_(module.weight, std=0.02)
@@ -203,17 +195,9 @@ class CodePrior(nn.Module):
         num_tokens: int | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
-        """Draw codes one at a time in sequence order: the codes flat (n, num_tokens) int64 and the logits each was
-        drawn from (one (n, K_level) fp32 tensor per step, before the temperature).
-
-        Args:
-            n: number of images.
-            resolution: image side; it fixes the code grids.
-            temperature: divides the logits; 0 takes the argmax (greedy decoding).
-            use_cache: incremental decoding with a KV cache; False recomputes the whole prefix every step.
-            num_tokens: stop after this many codes (default: all of them); for benchmarks.
-            generator: random generator (on the prior's device) for reproducible draws.
-        """
+        """Draw the codes of n images of side `resolution` one at a time: flat (n, num_tokens) int64, and the logits
+        each was drawn from (n, K_level) per step. `temperature` divides the logits (0: argmax); `use_cache=False`
+        recomputes the whole prefix every step (the reference); `num_tokens` stops early (benchmarks)."""
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature!r}")
         training = self.training
@@ -247,17 +231,9 @@ class CodePrior(nn.Module):
 
 
 class PriorStream:
-    """One code at a time through a prior in sequence order: `logits()` of the next position, then `push` of its
-    codes. Sampling draws the pushed codes; the codec pushes the true ones, so encoder and decoder compute
-    bit-identical logits on one code path. Call inside `torch.no_grad()` with the prior in eval mode.
-
-    Args:
-        prior: the prior.
-        n: images decoded side by side.
-        resolution: image side.
-        use_cache: a KV cache (each step attends to the cached keys); False recomputes the whole prefix.
-        num_tokens: positions to decode (default: all of them).
-    """
+    """One code at a time through a prior, in sequence order: `logits()` of the next position, then `push` of its
+    codes (n images side by side). Sampling pushes what it draws; the codec pushes the true codes, so encoder and
+    decoder run one code path. Call inside `torch.no_grad()` with the prior in eval mode."""
 
     def __init__(
         self, prior: CodePrior, n: int, resolution: int, use_cache: bool = True, num_tokens: int | None = None

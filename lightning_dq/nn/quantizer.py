@@ -1,9 +1,4 @@
-"""`DepthwiseQuantizer`: the module an encoder calls (Fostiropoulos & Boehm, CVPR 2022, arXiv 2203.08080).
-
-A learned 1x1 projection, the split of the projected features along channels into M slices of D, each
-quantized by its own codebook (mode "dq"), or the official code's VQ baseline where one D-vector is shown to
-all M codebooks (mode "vq"); the straight-through estimator and the commitment term.
-"""
+"""`DepthwiseQuantizer` (Fostiropoulos & Boehm, CVPR 2022, arXiv 2203.08080): the module an encoder calls."""
 
 from __future__ import annotations
 
@@ -28,15 +23,12 @@ class QuantizerOutput(NamedTuple):
 
 
 class DepthwiseQuantizer(nn.Module):
-    """Project `(B, C, h, w)` features and quantize them with M codebooks.
+    """Project `(B, C, h, w)` features and quantize them with M codebooks, with a straight-through gradient.
 
-    mode "dq": a 1x1 conv C -> M*D split along channels into M slices of D; slice m is quantized by codebook
-    m: K^M representable vectors for M*K stored codes. mode "vq": a 1x1 conv C -> D; the same D-vector is
-    quantized by all M codebooks and the results are concatenated: the same codebook memory and output width
-    as "dq" (num_codebooks=1 is plain VQ).
-
-    The codebooks are EMA buffers updated inside `forward` in training mode only. The projection and all
-    codebook maths run in fp32 with autocast disabled, also inside a bf16/fp16 autocast region.
+    mode "dq": a 1x1 conv C -> M*D split along channels into M slices of D, slice m quantized by codebook m: K^M
+    representable vectors for M*K stored codes. mode "vq" (the official baseline): a 1x1 conv C -> D whose vector
+    all M codebooks quantize, the results concatenated: the same memory and width (M=1 is plain VQ). The EMA
+    codebooks update in training mode only; projection and codebook maths run in fp32, autocast off.
 
     Args:
         in_channels: C, channels of the features to quantize.

@@ -22,16 +22,13 @@ def records(trainer: Trainer) -> list[RunRecord]:
 
 
 class MetricCurves(Callback):
-    """Draws `bpd_curve.png` in the run directory from the metric record (`RunRecord`, metrics.csv) after every
-    validation epoch: the epoch aggregates, one series per key (so per image size in a progressive run); tells W&B to
-    keep the minimum of every bits/dim key in the run summary; prints where the results are when a fit ends. Holds
-    no state: the record is the history, and it survives resume."""
+    """Draws `bpd_curve.png` from the metric record after each validation epoch. A series per key (so per image size);
+    W&B's summary keeps each bits/dim minimum; a fit's end prints where results are. The record is its history."""
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if trainer.is_global_zero:
-            for logger in wandb_loggers(trainer):
-                for pattern in ("train/bpd*", "val/bpd*"):  # the run table shows the best value, per size
-                    logger.experiment.define_metric(pattern, step_metric="trainer/global_step", summary="min")
+        for logger in wandb_loggers(trainer) if trainer.is_global_zero else []:
+            for pattern in ("train/bpd*", "val/bpd*"):  # the run table shows the best value, per size
+                logger.experiment.define_metric(pattern, step_metric="trainer/global_step", summary="min")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # a fresh fit starts a new record; a resumed one drops what a killed attempt logged after the checkpoint
@@ -52,21 +49,17 @@ class MetricCurves(Callback):
         root = Path(trainer.default_root_dir)
         last = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/bpd")}
         figures = ", ".join(f"{k} {v:.4f}" for k, v in sorted(last.items()))
-        lines = [
-            f"run directory: {root}",
-            f"  last validation (epoch {trainer.current_epoch - 1}): {figures or 'none'}",
-        ]
+        epoch = trainer.current_epoch - 1
+        lines = [f"run directory: {root}", f"  last validation (epoch {epoch}): {figures or 'none'}"]
         latest = {p.stem.rsplit("_e", 1)[0]: p for p in sorted((root / "images").glob("*_e*.png"))}  # per kind
-        lines += [
-            f"  {path}" for path in [root / "metrics.csv", root / "bpd_curve.png", *latest.values()] if path.exists()
-        ]
+        paths = [root / "metrics.csv", root / "bpd_curve.png", *latest.values()]
+        lines += [f"  {path}" for path in paths if path.exists()]
         lines += [f"  checkpoint: {cb.last_model_path}" for cb in trainer.checkpoint_callbacks if cb.last_model_path]
         for logger in wandb_loggers(trainer):
             if getattr(getattr(logger.experiment, "settings", None), "mode", None) in ("offline", "dryrun"):
                 run = logger.experiment.id
-                lines.append(
-                    f"  W&B offline run {run}: `wandb sync --id {run} {root / 'wandb'}/offline-run-*` uploads it"
-                )
+                sync = f"wandb sync --id {run} {root / 'wandb'}/offline-run-*"
+                lines.append(f"  W&B offline run {run}: `{sync}` uploads it")
         print("\n".join(lines))
 
     @rank_zero_only
@@ -78,11 +71,9 @@ class MetricCurves(Callback):
         fig = Figure(figsize=(6, 4))  # no pyplot: a notebook user's backend stays as it is
         ax = fig.subplots()
         for key, points in sorted(series.items()):
-            ax.plot(
-                *zip(*points, strict=True), marker="o", linestyle="--" if key.startswith("train/") else "-", label=key
-            )
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("bits/dim")
+            style = "--" if key.startswith("train/") else "-"
+            ax.plot(*zip(*points, strict=True), marker="o", linestyle=style, label=key)
+        ax.set(xlabel="epoch", ylabel="bits/dim")
         ax.set_title("A = bpd_decoder (not a bound), B = bpd_uniform, C = bpd_prior", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()

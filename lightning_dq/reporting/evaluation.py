@@ -18,10 +18,8 @@ HEADER = (
 
 
 class EvaluationReport(Callback):
-    """After `test`, writes into the run directory `evaluation.json` and a markdown table row `evaluation.md`: A
-    (decoder only, not a bound), B (uniform code cost), C (learned prior, when a prior is evaluated), the
-    reconstruction MSE, how many test images of the split were evaluated (PARTIAL when not all), what data they
-    were, and which checkpoints. Sent to W&B as the `test/evaluation` table."""
+    """After `test`, writes its figures to `evaluation.json`, `evaluation.md` and W&B's `test/evaluation`. The
+    figures of `HEADER`, how many test images were evaluated (PARTIAL when not all), the data and the checkpoints."""
 
     def __init__(self) -> None:
         self._loaded: dict = {}
@@ -37,15 +35,12 @@ class EvaluationReport(Callback):
         loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
         split_size = sum(len(dl.dataset) for dl in loaders if dl is not None and hasattr(dl.dataset, "__len__"))
         if num_images != split_size:  # e.g. trainer.limit_test_batches < 1.0: not a whole-split figure
-            rank_zero_warn(
-                f"evaluated {num_images} of the {split_size} test images: these figures do not cover the whole test "
-                f"split (check trainer.limit_test_batches)"
-            )
+            partial = f"evaluated {num_images} of the {split_size} test images"
+            rank_zero_warn(f"{partial}: the figures do not cover the whole split (check trainer.limit_test_batches)")
         evaluated = {"path": trainer.ckpt_path, **self._loaded}  # the checkpoint passed to `test`
         prior = getattr(pl_module, "prior", None)
-        figures = {f"{letter} {name}": metrics.get(f"test/{name}") for letter, name in FIGURES} | {
-            "mse": metrics.get("test/mse")
-        }
+        figures = {f"{letter} {name}": metrics.get(f"test/{name}") for letter, name in FIGURES}
+        figures["mse"] = metrics.get("test/mse")
         report = {
             "figures": figures,
             "num_images": num_images,

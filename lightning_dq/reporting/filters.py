@@ -15,14 +15,10 @@ LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fa
 
 
 class _DropMessages(logging.Filter):
-    """Drops log records whose message starts with one of `prefixes`."""
-
-    def __init__(self, prefixes: tuple[str, ...]) -> None:
-        super().__init__()
-        self.prefixes = prefixes
+    """Drops log records whose message starts with one of `LIGHTNING_TIPS`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefixes)
+        return not record.getMessage().startswith(LIGHTNING_TIPS)
 
 
 def install_filters() -> None:
@@ -30,7 +26,7 @@ def install_filters() -> None:
     for name in LIGHTNING_INFO_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
-            logger.addFilter(_DropMessages(LIGHTNING_TIPS))
+            logger.addFilter(_DropMessages())
     # torch 2.14 deprecates `LeafSpec`; Lightning's own pytree helper (combined data loaders) still builds one
     warnings.filterwarnings(
         "ignore",

@@ -8,14 +8,13 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
-from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from lightning_dq.nn.heads import head_reconstruct
 from lightning_dq.reporting.wandb import wandb_loggers
 
 
-def log_image(trainer: Trainer, key: str, grid: Tensor, path: Path) -> None:
+def log_image(trainer: Trainer, key: str, grid: torch.Tensor, path: Path) -> None:
     """Save a uint8 or float grid (3, H, W) as a PNG at `path` and send it to the run's loggers."""
     path.parent.mkdir(parents=True, exist_ok=True)
     image = grid.float() / 255.0 if grid.dtype == torch.uint8 else grid
@@ -28,10 +27,8 @@ def log_image(trainer: Trainer, key: str, grid: Tensor, path: Path) -> None:
 
 
 class ImageLogger(Callback):
-    """Image grids and code usage of a validation batch, every n-th epoch (rank 0 only, no collectives).
-
-    Originals vs reconstructions, per-level decodes (the other levels zeroed) and the codebook-usage histogram of
-    the validation epoch (a PNG, and a W&B histogram per level); for a `PriorModule`, a grid of samples instead.
+    """Image grids and code usage of a validation batch, every n-th epoch (rank 0, no collectives). Originals vs
+    reconstructions, per-level decodes, codebook usage (PNG, W&B histogram per level); samples for a `PriorModule`.
 
     Args:
         every_n_epochs: log every n-th validation epoch (0 disables).
@@ -41,13 +38,11 @@ class ImageLogger(Callback):
     def __init__(self, every_n_epochs: int = 1, num_images: int = 8) -> None:
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
-        self._batch: Tensor | None = None
+        self._batch: torch.Tensor | None = None
 
     def _due(self, trainer: Trainer) -> bool:
-        every = self.every_n_epochs
-        return (
-            every > 0 and not trainer.sanity_checking and trainer.is_global_zero and trainer.current_epoch % every == 0
-        )
+        n = self.every_n_epochs
+        return n > 0 and trainer.current_epoch % n == 0 and trainer.is_global_zero and not trainer.sanity_checking
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx == 0 and self._due(trainer):
@@ -66,19 +61,12 @@ class ImageLogger(Callback):
         net = pl_module.net
         out = pl_module(x)
         recon = head_reconstruct(net.head, out.params, net.num_mixtures)  # (B, 3, H, W) uint8
-        log_image(
-            trainer,
-            "val/reconstructions",
-            make_grid(torch.cat([x, recon]), nrow=len(x)),
-            folder / f"recon_e{epoch:04d}.png",
-        )
-        levels = [
-            head_reconstruct(net.head, net.decode(out.codes, keep_levels=[i]), net.num_mixtures)
-            for i in range(net.num_levels)
-        ]
-        log_image(
-            trainer, "val/levels", make_grid(torch.cat([x, *levels]), nrow=len(x)), folder / f"levels_e{epoch:04d}.png"
-        )
+        grid = make_grid(torch.cat([x, recon]), nrow=len(x))
+        log_image(trainer, "val/reconstructions", grid, folder / f"recon_e{epoch:04d}.png")
+        decoded = [net.decode(out.codes, keep_levels=[i]) for i in range(net.num_levels)]  # other levels zeroed
+        levels = [head_reconstruct(net.head, params, net.num_mixtures) for params in decoded]
+        grid = make_grid(torch.cat([x, *levels]), nrow=len(x))
+        log_image(trainer, "val/levels", grid, folder / f"levels_e{epoch:04d}.png")
         self._usage_plot(trainer, pl_module, folder / f"usage_e{epoch:04d}.png")
 
     def _usage_plot(self, trainer: Trainer, pl_module: LightningModule, path: Path) -> None:
@@ -95,15 +83,13 @@ class ImageLogger(Callback):
             ax.set_xlabel("codebook * K + code")
         axes[0].set_ylabel("assignments (val epoch)")
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=80)
+        fig.savefig(path, dpi=80)  # into the folder log_image made
         for logger in wandb_loggers(trainer):
             import wandb  # here: importing W&B takes seconds
 
             logger.log_image(key="val/codebook_usage", images=[str(path)])
             for i, metric in enumerate(usage):  # a W&B histogram per level: assignments per (codebook, code)
                 counts = metric.hist.flatten().cpu().double().numpy()  # (M*K,)
-                hist = wandb.Histogram(
-                    np_histogram=(counts, list(range(len(counts) + 1))), num_bins=min(512, len(counts))
-                )
+                bins = list(range(len(counts) + 1))
+                hist = wandb.Histogram(np_histogram=(counts, bins), num_bins=min(512, len(counts)))
                 logger.experiment.log({f"val/code_usage_l{i}": hist, "trainer/global_step": trainer.global_step})

@@ -7,9 +7,8 @@ import math
 import sys
 import time
 from datetime import timedelta
-from typing import IO, Any
+from typing import IO
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 
@@ -24,26 +23,13 @@ def stdout_is_terminal(stream: IO | None = None) -> bool:
         return False
 
 
-def _batch_size(batch: Any) -> int:
-    """Images in a batch: the first dimension of its first tensor (our batches are uint8 (B, 3, H, W))."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.ndim else 1
-    if isinstance(batch, list | tuple) and batch:
-        return _batch_size(batch[0])
-    if isinstance(batch, dict) and batch:
-        return _batch_size(next(iter(batch.values())))
-    return 0
-
-
 def _count(value: float) -> str:
     return "?" if math.isinf(value) else str(int(value))
 
 
 class PlainProgressBar(ProgressBar):
-    """Plain-text progress: one line every `every_n_steps` training batches and one at each epoch end (epoch, step,
-    images/s, the train loss, the last validation bits/dim A/B/C, ETA), flushed at once; in `test`/`validate`, one
-    line every `every_n_steps` batches and one at the end. Chosen when stdout is not a terminal; list it in
-    `trainer.callbacks` to use it everywhere or to set `every_n_steps`.
+    """Plain-text progress lines, where stdout is not a terminal (or if listed in `trainer.callbacks`). One every
+    `every_n_steps` batches and at each epoch or stage end; in `fit`: epoch, step, images/s, losses, bits/dim, ETA.
 
     Args:
         every_n_steps: batches between two lines (None = the Trainer's `log_every_n_steps`).
@@ -58,7 +44,7 @@ class PlainProgressBar(ProgressBar):
         self._window_start = 0.0  # images/s over the batches since the last line, validation time excluded
         self._window_images = 0
         self._batches_done = 0
-        self._paused_at: float | None = None
+        self._paused_at = 0.0
 
     def disable(self) -> None:
         self._enabled = False
@@ -73,17 +59,20 @@ class PlainProgressBar(ProgressBar):
         if self._enabled:
             print(line, flush=True)  # sys.stdout as it is now; flushed so a log file shows it at once
 
+    def _restart_window(self) -> None:
+        self._window_start = time.monotonic()
+        self._window_images = 0
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_start = time.monotonic()
         self._fit_step0 = trainer.global_step
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._window_start = time.monotonic()
-        self._window_images = 0
+        self._restart_window()
         self._batches_done = 0
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        self._window_images += _batch_size(batch) * trainer.world_size  # every rank trains on its own batch
+        self._window_images += len(batch) * trainer.world_size  # batches are (B, 3, H, W); one per rank
         self._batches_done = batch_idx + 1
         if self._batches_done % self._every() == 0 and self._batches_done < self.total_train_batches:
             self._emit(self._train_line(trainer, done=False))  # the epoch-end line covers the last batch
@@ -95,25 +84,20 @@ class PlainProgressBar(ProgressBar):
         now = time.monotonic()
         last_epoch = trainer.max_epochs - 1 if trainer.max_epochs not in (None, -1) else "?"
         total_steps = trainer.estimated_stepping_batches
-        parts = [
-            f"epoch {trainer.current_epoch}/{last_epoch}" + (" done" if done else ""),
-            f"batch {self._batches_done}/{_count(self.total_train_batches)}",
-            f"step {trainer.global_step}/{_count(total_steps)}",
-        ]
+        parts = [f"epoch {trainer.current_epoch}/{last_epoch}" + (" done" if done else "")]
+        parts.append(f"batch {self._batches_done}/{_count(self.total_train_batches)}")
+        parts.append(f"step {trainer.global_step}/{_count(total_steps)}")
         if self._window_images and now > self._window_start:
             parts.append(f"{self._window_images / (now - self._window_start):.1f} img/s")
-        self._window_start = now
-        self._window_images = 0
-        metrics = trainer.callback_metrics
+        self._restart_window()
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
         if "train/loss" in metrics:
-            parts.append(f"train/loss {float(metrics['train/loss']):.4f}")
-        figures = " ".join(
-            f"{letter} {float(metrics['val/' + name]):.4f}" for letter, name in FIGURES if "val/" + name in metrics
-        )
-        if figures:
-            parts.append(f"val bits/dim {figures}")
+            parts.append(f"train/loss {metrics['train/loss']:.4f}")
+        val = {letter: metrics["val/" + name] for letter, name in FIGURES if "val/" + name in metrics}
+        if val:
+            parts.append("val bits/dim " + " ".join(f"{letter} {value:.4f}" for letter, value in val.items()))
         elif "val/loss" in metrics:
-            parts.append(f"val/loss {float(metrics['val/loss']):.4f}")
+            parts.append(f"val/loss {metrics['val/loss']:.4f}")
         steps_done = trainer.global_step - self._fit_step0
         if steps_done > 0 and math.isfinite(total_steps):
             eta = (now - self._fit_start) / steps_done * max(0, total_steps - trainer.global_step)
@@ -121,29 +105,25 @@ class PlainProgressBar(ProgressBar):
         return "  ".join(parts)
 
     def _eval_batch(self, trainer: Trainer, stage: str, batch, batch_idx: int, total: float) -> None:
-        self._window_images += _batch_size(batch) * trainer.world_size
+        self._window_images += len(batch) * trainer.world_size
         end = batch_idx + 1 == total
         if end or (batch_idx + 1) % self._every() == 0:
             rate = self._window_images / max(time.monotonic() - self._window_start, 1e-9)
             self._emit(f"{stage}  batch {batch_idx + 1}/{_count(total)}  {rate:.1f} img/s" + ("  done" if end else ""))
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._window_start = time.monotonic()
-        self._window_images = 0
+        self._restart_window()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_batch(trainer, "test", batch, batch_idx, trainer.num_test_batches[dataloader_idx])
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._paused_at = time.monotonic()  # validation inside fit is kept out of the training images/s
         if trainer.state.fn == "validate":
-            self.on_test_start(trainer, pl_module)
-        else:  # validation inside fit: kept out of the training images/s
-            self._paused_at = time.monotonic()
+            self._restart_window()
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn != "validate" and self._paused_at is not None:
-            self._window_start += time.monotonic() - self._paused_at
-            self._paused_at = None
+        self._window_start += time.monotonic() - self._paused_at
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
         if trainer.state.fn == "validate":  # during fit, the epoch-end line reports validation

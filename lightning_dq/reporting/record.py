@@ -1,9 +1,5 @@
-"""`RunRecord`: the run directory's metric record, `metrics.csv`, kept by Lightning like any logger.
-
-Lightning's `CSVLogger` deletes an existing `metrics.csv` when a run resumes; this logger appends, so a killed and
-resumed run has one record of every epoch. Rows an attempt killed after its last checkpoint wrote are dropped when
-the resumed run starts, so no step appears twice. Every row has `step` and `epoch` and the keys logged at that step.
-"""
+"""`RunRecord`: the run directory's `metrics.csv`, a logger that appends (`CSVLogger` deletes it on resume), so a killed
+and resumed run has one record of every epoch, minus the rows the killed attempt wrote after its last checkpoint."""
 
 from __future__ import annotations
 
@@ -21,8 +17,7 @@ from lightning_dq.errors import disk_full
 
 
 class RunRecord(Logger):
-    """Appends every logged value to `<save_dir>/metrics.csv`, written through after each logging call (a killed
-    run loses nothing it logged).
+    """Appends every logged value to `<save_dir>/metrics.csv`, synced at each call (a kill loses nothing).
 
     Args:
         save_dir: the run directory (configs/base.yaml: `${trainer.default_root_dir}`).
@@ -61,8 +56,7 @@ class RunRecord(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, Tensor | float], step: int | None = None) -> None:
-        row = {k: float(v.item() if isinstance(v, Tensor) else v) for k, v in metrics.items()}
-        row["step"] = float(step if step is not None else 0)
+        row = {k: float(v) for k, v in metrics.items()} | {"step": float(step or 0)}
         if self._keys is None and self.path.is_file():  # a resumed run appends under the existing header
             with self.path.open(newline="") as f:
                 self._keys = next(csv.reader(f), [])
@@ -80,7 +74,6 @@ class RunRecord(Logger):
         if len(kept) != len(rows):
             self._write(kept, sorted({k for r in rows for k in r}), "w")
 
-    @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
         """The resolved config is saved as config.yaml next to the record; nothing to do here."""
 

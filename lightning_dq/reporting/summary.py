@@ -26,11 +26,8 @@ class ModelSize(ModelSummary):
         def count(n: int | str) -> str:  # Lightning's counts are padded ("0  ", "1.8 M")
             return get_human_readable_count(int(n)).strip() if isinstance(n, int) else n.strip()
 
-        frozen = count(total_parameters - trainable_parameters)
-        lines = [
-            f"model: {count(total_parameters)} parameters ({count(trainable_parameters)} trainable, {frozen} frozen), "
-            f"{model_size:.1f} MB"
-        ]
+        parameters = f"{count(trainable_parameters)} trainable, {count(total_parameters - trainable_parameters)} frozen"
+        lines = [f"model: {count(total_parameters)} parameters ({parameters}), {model_size:.1f} MB"]
         columns = dict(summary_data)
         for name, kind, params in zip(columns["Name"], columns["Type"], columns["Params"], strict=True):
             if count(params) != "0":  # skip the metric containers

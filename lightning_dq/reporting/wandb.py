@@ -1,6 +1,5 @@
-"""One W&B run per experiment (run directory): a stable id kept in `<run dir>/wandb_run_id`, so a resumed fit
-continues the run and `test` and sampling attach to it; name = the run directory's name, group = the dataset,
-job_type = the subcommand. Offline runs are uploaded later with `wandb sync`."""
+"""One W&B run per experiment (run directory), its id kept in `<run dir>/wandb_run_id`: a resumed fit continues it, and
+`test` and sampling attach to it. Name = the run directory's name, group = the dataset, job_type = the subcommand."""
 
 from __future__ import annotations
 
@@ -17,8 +16,7 @@ RUN_ID_FILE = "wandb_run_id"
 
 
 def wandb_run_id(root: Path, new: bool) -> str:
-    """The W&B run id of the experiment in run directory `root`: a new one for a fresh fit (written by rank 0), the
-    stored one for a resume, `test`, `validate` and sampling."""
+    """The W&B run id of run directory `root`: new for a fresh fit (rank 0 writes it), else the stored one."""
     path = root / RUN_ID_FILE
     if path.is_file() and (not new or rank_zero_only.rank != 0):  # other ranks read what rank 0 wrote
         return path.read_text().strip()
@@ -30,8 +28,7 @@ def wandb_run_id(root: Path, new: bool) -> str:
 
 
 def fill_identity(args: Any, root: Path, subcommand: str, dataset: str | None, new: bool) -> None:
-    """Fill a WandbLogger config's `init_args` in place (values the config sets are kept): files in the run
-    directory, the experiment's id, name, group and job_type; `WANDB_MODE=online` streams instead of offline."""
+    """Fill in a WandbLogger's save_dir, id, name, group and job_type unless set; `WANDB_MODE=online` streams."""
     if args.get("save_dir") in (None, "", ".") and not args.get("dir"):
         args.save_dir = str(root)
     if not args.get("id") and not args.get("version"):
@@ -44,8 +41,7 @@ def fill_identity(args: Any, root: Path, subcommand: str, dataset: str | None, n
 
 
 def prepare_wandb(logger: WandbLogger) -> None:
-    """Create a W&B logger's folder before its run starts: W&B looks for the git repository (to record the commit)
-    from there, and warns "git root ... does not exist" when it has not been created yet."""
+    """Create a W&B logger's folder first: W&B looks for the git repository there ("git root ... does not exist")."""
     if logger.save_dir:
         Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
 

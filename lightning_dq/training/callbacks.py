@@ -1,8 +1,5 @@
-"""Training-control callbacks: when codebooks restart dead codes, that DDP ranks hold identical codebooks, that
-non-finite steps are skipped on every rank together, and a learning-rate monitor that tolerates no logger.
-
-Callbacks find the codebooks by type (`lightning_dq.nn.Codebook`); they call no private API of the networks.
-"""
+"""Training-control callbacks: when codebooks restart dead codes, a check that DDP ranks hold identical codebooks,
+non-finite steps skipped on every rank together, and a learning-rate monitor that tolerates no logger."""
 
 from __future__ import annotations
 
@@ -45,9 +42,8 @@ class CodebookReset(Callback):
 
 
 def codebooks_out_of_sync(module: torch.nn.Module) -> dict[str, float]:
-    """Names of the `Codebook`s whose state differs between DDP ranks -> largest absolute difference. A
-    collective: every rank must call it. Empty in a single process, and under DDP when the quantizer's
-    synchronisation works (it makes the codebooks bit-identical on every rank)."""
+    """The `Codebook`s whose state differs between DDP ranks -> the largest difference (a collective; empty when the
+    quantizer's synchronisation works)."""
     if not is_distributed():
         return {}
     out = {}
@@ -84,12 +80,10 @@ class NonFiniteGuard(Callback):
     """Skip optimizer steps whose loss or gradients are not finite, on every rank together; stop after too many
     in a row.
 
-    Runs after backward (and DDP's gradient all-reduce, so a NaN gradient on one rank is one on every rank) and
-    before gradient clipping. The per-rank loss flag is summed over ranks with one scalar all-reduce, so every rank
-    decides the same (none is left waiting in a collective). A skipped step sets every gradient to None, which
-    leaves the parameters and the optimizer state (moments, step count) untouched; it is counted in
-    `train/skipped_steps`. Since no skipped step changed anything, every checkpoint so far holds finite weights.
-    Cost: one all-reduce and one host sync per optimizer step.
+    Runs after backward (and DDP's gradient all-reduce) and before clipping; the loss flag is summed over ranks, so
+    every rank decides the same. A skipped step sets every gradient to None, which leaves the parameters and the
+    optimizer state untouched (so every checkpoint holds finite weights), and counts in `train/skipped_steps`.
+    Cost: one scalar all-reduce and one host sync per optimizer step.
 
     Args:
         max_consecutive: stop the run with `TrainingDivergedError` after this many skipped steps in a row

@@ -1,14 +1,6 @@
-"""Checkpoints: written atomically, read safely, ranked per image size, and holding all an exact resume needs.
-
-- `AtomicCheckpointIO` (`trainer.plugins` in configs/base.yaml): writes to a temporary file in the same folder,
-  fsyncs it and renames it over the target, so a kill or a full disk at any moment leaves the previous complete
-  file. Reads with `weights_only=True` (no pickled code runs); a truncated or corrupt file is a `CheckpointError`.
-- `validate_ckpt_path`: the CLI's check of `--ckpt_path` (readable, saved from this model configuration).
-- `RunCheckpoint` (the `checkpoint` group): `last.ckpt` every epoch plus the best by `monitor`.
-- `ResumeCheckpoint` (the `resume` group): `last-step.ckpt` every N steps, and in every checkpoint the RNG states
-  and the partial epoch aggregates. With `lightning_dq.data.samplers.ResumableDataLoader` a run killed mid-epoch
-  resumes to the same weights as an uninterrupted run.
-"""
+"""Checkpoints: written atomically (a kill or a full disk leaves the previous file), read with `weights_only=True`,
+checked against the model before Lightning reads them, ranked per image size, and holding what an exact resume
+needs beyond Lightning's state (RNG states, partial epoch aggregates; the data order: `ResumableDataLoader`)."""
 
 from __future__ import annotations
 
@@ -91,8 +83,7 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mma
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO: atomic writes, safe reads with clear errors. Remote paths (`s3://...`) use
-    Lightning's default IO."""
+    """Lightning checkpoint IO (`trainer.plugins`): atomic writes, safe reads; remote paths use Lightning's IO."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if "://" in str(path):
@@ -134,9 +125,8 @@ def check_model_matches(state_dict: Mapping[str, Any], model: torch.nn.Module, p
 
 
 def validate_ckpt_path(trainer: Trainer, model: LightningModule, ckpt_path: str | None) -> None:
-    """Check `--ckpt_path` before Lightning loads it: readable, and saved from this model's configuration. `last` is
-    the newest `last*.ckpt` of the checkpoint callbacks' folders; `best`, `hpc`, `registry` and remote paths are
-    left to Lightning."""
+    """Check `--ckpt_path` before Lightning loads it: readable, and saved from this model's configuration (`last`: the
+    newest `last*.ckpt` of the checkpoint folders; `best`, `hpc`, `registry` and remote paths are Lightning's)."""
     if ckpt_path is None or "://" in str(ckpt_path) or ckpt_path in ("best", "hpc", "registry"):
         return
     if ckpt_path == "last":
@@ -152,10 +142,9 @@ def validate_ckpt_path(trainer: Trainer, model: LightningModule, ckpt_path: str 
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` for the run directory: `last.ckpt` every epoch, plus the best `save_top_k` by `monitor`,
-    ranked only among the epochs that logged `monitor` (in a fit at several image sizes, the epochs of the size it
-    names; `ResolutionSchedule` points it at the final size); the other epochs update `last.ckpt` only. Saved at
-    the end of the training epoch, after the epoch's train and val aggregates are logged.
+    """`ModelCheckpoint` for the run directory: `last.ckpt` every epoch and the best `save_top_k` by `monitor`, ranked
+    among the epochs that logged `monitor` only (in a fit at several sizes, the size `ResolutionSchedule` names);
+    saved at the end of the training epoch, after its train and val aggregates are logged.
 
     Args: those of `lightning.pytorch.callbacks.ModelCheckpoint`.
     """
@@ -199,14 +188,9 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
 
 
 class ResumeCheckpoint(ModelCheckpoint):
-    """Writes `last-step.ckpt` every `every_n_train_steps` optimizer steps and makes every checkpoint of the run
-    resumable exactly.
-
-    Lightning's checkpoints hold the model (codebook buffers included), optimizer, loops and callbacks. This adds
-    the RNG states (Python, NumPy, torch, CUDA; rank 0's, restored on every rank right before the first training
-    batch after a resume), and the partial epoch aggregates of the module's torchmetrics (every state a sum,
-    summed over ranks; after a resume rank 0 holds the sum and the others start from zero, so the epoch value is
-    exact for any number of ranks).
+    """Writes `last-step.ckpt` every `every_n_train_steps` optimizer steps, and adds to every checkpoint of the run
+    what Lightning does not save: the RNG states (rank 0's, restored on every rank before the first batch after a
+    resume) and the partial epoch aggregates (summed over ranks; after a resume rank 0 holds the sum).
 
     Args:
         every_n_train_steps: optimizer steps between writes of `last-step.ckpt` (0 = never; the RNG and metric

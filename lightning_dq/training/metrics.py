@@ -1,8 +1,4 @@
-"""Epoch aggregates as torchmetrics, exact under DDP: per-image means, image counts, per-level code usage.
-
-Every state is a sum-reduced tensor, so a partial epoch summed over ranks is the same metric for any number of
-ranks (`lightning_dq.training.checkpoints.ResumeCheckpoint` saves it that way).
-"""
+"""Epoch aggregates as torchmetrics, exact under DDP; every state is a sum (`ResumeCheckpoint` relies on it)."""
 
 from __future__ import annotations
 
@@ -14,10 +10,8 @@ from lightning_dq.nn.codebook import code_histogram, perplexity
 
 
 class CodeUsage(Metric):
-    """Histogram of the codes of one level over an epoch, with no host sync per update.
-
-    Per-batch perplexity depends on the batch size; the epoch histogram does not, and it shows the codes that
-    are never used at all (bshall/VectorQuantizedVAE#3).
+    """Histogram of the codes of one level over an epoch (no host sync): unlike a batch's perplexity it does not
+    depend on the batch size, and it shows the codes never used at all (bshall/VectorQuantizedVAE#3).
 
     Args:
         num_codebooks: M.
@@ -42,8 +36,8 @@ class CodeUsage(Metric):
 
 
 class StageMetrics(nn.Module):
-    """Epoch aggregates of one stage: per-image means, the image count, the count of images with a non-finite
-    value, and per-level code usage. NaNs are kept in the means (and counted), never silently dropped.
+    """Epoch aggregates of one stage: per-image means, the number of images and of those with a non-finite value
+    (NaNs are kept in the means and counted, never dropped), and per-level code usage.
 
     Args:
         names: the per-image values averaged over the epoch.

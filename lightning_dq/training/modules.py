@@ -1,11 +1,8 @@
-"""LightningModules: `AutoEncoderModule` trains the hierarchical DQ auto-encoder; `PriorModule` trains a prior over
-the codes of a frozen auto-encoder and reports the three bits/dim figures (`lightning_dq.nn.figures`).
-
-Every step goes through one `_step(batch, stage)`. Epoch values are torchmetrics aggregates over images (every
-image counted once, summed over DDP ranks), logged as `{stage}/{name}{suffix}`: train epoch keys end in `_epoch`
-(per-step values keep the plain key), and `epoch_key_suffix` is set by `ResolutionSchedule` in a fit at several
-image sizes. A checkpoint holds each network's constructor arguments next to its weights (`net_config`,
-`autoencoder`, `prior_config`), so `load_from_checkpoint(path)` rebuilds a module with no other argument.
+"""LightningModules: `AutoEncoderModule` trains the auto-encoder; `PriorModule` trains a prior over the codes of a
+frozen one and reports A, B and C. Epoch values are torchmetrics aggregates over images (each counted once, summed
+over ranks), logged as `{stage}/{name}` (train epoch keys end in `_epoch`; `ResolutionSchedule` may add a size). A
+checkpoint holds each network's constructor arguments beside its weights: `load_from_checkpoint(path)` needs nothing
+else.
 """
 
 from __future__ import annotations
@@ -36,8 +33,8 @@ def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
 
 
 def decoder_figures(net: HierarchicalAutoEncoder, x: Tensor, out: AutoEncoderOutput, prior_log_prob=None) -> dict:
-    """Per-image values (B,) of one auto-encoder pass: A and B (and C with `prior_log_prob`) in bits/dim and the
-    reconstruction MSE; for the "mse" head, which has no bits/dim, the MSE loss instead."""
+    """Per-image values (B,) of one auto-encoder pass: A, B (C with `prior_log_prob`) and the reconstruction MSE;
+    the "mse" head has no bits/dim, its loss instead."""
     recon = head_reconstruct(net.head, out.params.detach(), net.num_mixtures)  # (B, 3, H, W) uint8
     values = {"mse": reconstruction_mse(recon, x)}
     if net.head == "mse":
@@ -102,8 +99,8 @@ class CodeModelModule(LightningModule):
             self.log_dict(step, batch_size=x.shape[0])
 
     def _log_epoch(self, stage: str) -> None:
-        """Compute (all-reducing under DDP), log and reset the stage's epoch aggregates. Every rank takes the same
-        branches: each reads a value already summed over ranks, so no rank skips a collective."""
+        """Compute (all-reducing), log and reset the stage's aggregates; every branch reads values summed over ranks,
+        so no rank skips a collective."""
         metrics = self.stage_metrics(stage)
         images = int(metrics.images.compute())  # collective
         nonfinite = int(metrics.nonfinite.compute()) if images else 0  # collective
@@ -143,9 +140,8 @@ class CodeModelModule(LightningModule):
 
 
 class AutoEncoderModule(CodeModelModule):
-    """Trains `HierarchicalAutoEncoder` with loss = reconstruction NLL (nats/dim) + beta * commitment.
-
-    Gradient clipping (2.0 in the paper's code) and precision are Trainer settings in the config.
+    """Trains `HierarchicalAutoEncoder` with loss = reconstruction NLL (nats/dim) + beta * commitment (gradient
+    clipping and precision are Trainer settings).
 
     Args:
         net: the auto-encoder (injected from the config as class_path/init_args); None rebuilds it from the
@@ -228,12 +224,9 @@ class AutoEncoderModule(CodeModelModule):
 
 
 class PriorModule(CodeModelModule):
-    """Trains a `CodePrior` on the codes of a frozen, trained auto-encoder; reports A, B and C.
-
-    The auto-encoder is read once from `autoencoder_ckpt`, when a prior's training starts; from then on it is part
-    of this module: its config and weights are in every prior checkpoint, so evaluating or resuming never reads
-    `autoencoder_ckpt` again. It stays in eval mode (its codebooks never change) and is never optimised. The prior
-    is built for its code structure. Loss: -log p_prior(z(x)) in nats per code. Evaluation encodes each image once.
+    """Trains a `CodePrior` (loss: -log p_prior(z(x)) in nats per code) on the codes of a frozen auto-encoder, and
+    reports A, B and C from one auto-encoder pass per image. The auto-encoder is read from `autoencoder_ckpt` when
+    training starts and is then part of every prior checkpoint (evaluating or resuming never reads the file again).
 
     Args:
         prior: the prior's hyperparameters (config: class_path `lightning_dq.nn.CodePrior` and its init_args but
@@ -281,29 +274,21 @@ class PriorModule(CodeModelModule):
         self._init_metrics(specs, {"train": train, "val": evaluate, "test": evaluate})
 
     def setup(self, stage: str) -> None:
-        # Lightning restores a checkpoint after this hook without saying here whether it will: a prior checkpoint
-        # brings its own auto-encoder (on_load_checkpoint). A fit reads `autoencoder_ckpt` when the file is there;
-        # a resume whose file has moved gets the network from the prior checkpoint instead.
+        # A checkpoint restored after this hook brings its own auto-encoder (on_load_checkpoint); a fit reads
+        # `autoencoder_ckpt` when the file is there (a resume whose file has moved takes the checkpoint's).
         readable = bool(self.autoencoder_ckpt) and Path(self.autoencoder_ckpt).exists()
         if self.autoencoder is None and stage == "fit" and readable:
             self.attach(*read_autoencoder(self.autoencoder_ckpt))
 
     def _require_autoencoder(self) -> None:
+        if self.autoencoder is None and self.trainer.state.fn != "fit":
+            raise CheckpointError(
+                f"{self.trainer.state.fn.value} needs a trained prior: pass --ckpt_path=<prior checkpoint>"
+            )
         if self.autoencoder is None:
-            if self.trainer.state.fn != "fit":
-                raise CheckpointError(
-                    f"{self.trainer.state.fn.value} needs a trained prior: pass --ckpt_path=<prior checkpoint>"
-                )
             read_autoencoder(self.autoencoder_ckpt or "")  # raises, naming the missing file
 
-    def on_fit_start(self) -> None:
-        self._require_autoencoder()
-
-    def on_validation_start(self) -> None:
-        self._require_autoencoder()
-
-    def on_test_start(self) -> None:
-        self._require_autoencoder()
+    on_fit_start = on_validation_start = on_test_start = _require_autoencoder
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["autoencoder"] = {"config": self.autoencoder.config, "source": self.autoencoder_source}
@@ -317,7 +302,8 @@ class PriorModule(CodeModelModule):
             self.attach(HierarchicalAutoEncoder(**stored["config"]), stored["source"], checkpoint["prior_config"])
         elif self.autoencoder.config != stored["config"]:
             raise CheckpointError(
-                f"the prior checkpoint was trained on a different auto-encoder: {stored['config']} vs {self.autoencoder.config}"
+                f"the prior checkpoint was trained on a different auto-encoder: {stored['config']} vs "
+                f"{self.autoencoder.config}"
             )
 
     def train(self, mode: bool = True) -> PriorModule:

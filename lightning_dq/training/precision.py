@@ -1,9 +1,6 @@
-"""One precision policy per run, for the whole model, decided from the device unless the config sets one.
-
-bf16 autocast only pays where the device computes bf16 matrix work faster than fp32: CUDA GPUs of compute
-capability 8.0+, and CPUs with AMX. On an AVX512-BF16 CPU without AMX a bf16 convolution or matmul measured 2x
-slower than fp32, and on an AVX2 CPU bf16 is emulated, 6-50x slower (docs/benchmarks.md); there the run is 32-true.
-"""
+"""One precision per run, for the whole model, from the device unless the config sets one: bf16-mixed only where
+bf16 matrix work is faster than fp32 (CUDA sm80+, CPUs with AMX). An AVX512-BF16 CPU without AMX ran bf16 2x slower
+than fp32, an AVX2 CPU emulates it 6-50x slower (docs/benchmarks.md): 32-true there."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""`ResolutionSchedule`: one model trained progressively at increasing image sizes, and the owner of image sizes.
-
-It alone sets the datamodule's `resolution` (per epoch in a fit; the checkpoint's epoch's size in validate/test),
-checks that the data and the model serve every size, and names the size in the epoch metric keys of a fit at
-several sizes (`val/bpd_decoder_32px`, `train/loss_64px_epoch`), including the key checkpoints are ranked by.
-"""
+"""`ResolutionSchedule`, the owner of image sizes: it alone sets the data's `resolution`, checks that data and model
+serve every size, and names the size in the epoch keys of a fit at several sizes (`val/bpd_decoder_32px`)."""
 
 from __future__ import annotations
 
@@ -27,15 +23,11 @@ def sized_key(key: str, side: int) -> str:
 class ResolutionSchedule(Callback):
     """Train one model progressively at increasing image sizes: epoch milestones -> resolution.
 
-    `milestones={0: 32, 100: 64}` trains at 32x32 for epochs 0-99 and at 64x64 from epoch 100 on; validation follows
-    the training size. An empty mapping keeps the datamodule's resolution (still checked against the model). The
-    milestones are saved in checkpoints and a resume with other ones is refused; `validate` and `test` with a
-    checkpoint run at the size of that checkpoint's epoch, without one at the last scheduled size.
-
-    Before a fit at several sizes: dataloaders must be rebuilt every epoch, `data.init_args.resolution` must be the
-    size of epoch 0, a `checkpoint.monitor` without a size is pointed at the final size (`val/loss` ->
-    `val/loss_64px`), and one forward+backward at the largest size and the configured batch checks the memory
-    (an out-of-memory at 64x64 shows in the first minute, not at epoch 100).
+    `{0: 32, 100: 64}` trains at 32x32 for epochs 0-99, at 64x64 from 100 on; validation follows. The milestones are
+    saved in checkpoints (a resume with others is refused); `validate`/`test` of a checkpoint run at its epoch's size.
+    Before a fit at several sizes: loaders must be rebuilt each epoch, `data.init_args.resolution` must be epoch 0's,
+    a `checkpoint.monitor` without a size gets the final one (`val/loss_64px`), and one forward+backward at the
+    largest size and batch checks the memory (an out-of-memory at 64x64 shows in the first minute, not epoch 100).
 
     Args:
         milestones: first epoch of each stage -> image side for that stage; must contain epoch 0.
@@ -148,8 +140,8 @@ class ResolutionSchedule(Callback):
 
 
 def probe_memory(trainer: Trainer, pl_module: LightningModule, side: int) -> None:
-    """One forward+backward of the auto-encoder at `side` x `side` and the configured batch size, leaving no trace:
-    codebook buffers, gradients and RNG states are restored afterwards."""
+    """One forward+backward of the auto-encoder at `side` and the configured batch, leaving no trace (codebooks,
+    gradients and RNG states are restored)."""
     batch = getattr(trainer.datamodule, "batch_size", 1)
     modules = dict(pl_module.named_modules())
     codebooks = {

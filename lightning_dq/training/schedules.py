@@ -11,11 +11,8 @@ from lightning_dq.errors import ConfigError
 
 
 class WarmupCosine(LRScheduler):
-    """Linear warm-up from 0 to the optimizer's lr over `warmup_steps`, then a cosine decay to
-    `final_lr_fraction` * lr at `total_steps`, constant after that.
-
-        lightning-dq fit ... --model.init_args.lr_scheduler=lightning_dq.training.schedules.WarmupCosine \\
-            --model.init_args.lr_scheduler.warmup_steps=1000 --model.init_args.lr_scheduler.total_steps=200000
+    """Linear warm-up from 0 to the optimizer's lr over `warmup_steps`, then a cosine decay to `final_lr_fraction` *
+    lr at `total_steps`, constant after that (the README's "Optimizer" shows the command-line form).
 
     Args:
         optimizer: the optimizer whose learning rate is scheduled (passed by the module).

@@ -51,8 +51,10 @@ def test_box_reduce_matches_the_definition_on_random_images(factor):
     r = 16 // factor
     blocks = x.reshape(2, 3, r, factor, r, factor).astype(int)
     # Python's round() is round-half-to-even, and sum / factor^2 is an exact binary fraction
-    expected = [[[[round(blocks[n, c, i, :, j, :].sum() / factor**2) for j in range(r)] for i in range(r)]
-                 for c in range(3)] for n in range(2)]  # fmt: skip
+    expected = [
+        [[[round(blocks[n, c, i, :, j, :].sum() / factor**2) for j in range(r)] for i in range(r)] for c in range(3)]
+        for n in range(2)
+    ]
     np.testing.assert_array_equal(box_reduce(x, factor), expected)
     with pytest.raises(ValueError, match=r"factor must be a power of two, got 3"):
         box_reduce(x, 3)

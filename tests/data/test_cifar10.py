@@ -94,10 +94,6 @@ def test_fallback_to_sample_when_cifar10_is_missing(tmp_path):
 pytestmark = pytest.mark.filterwarnings("ignore:.*differs from the official CIFAR-10 files")
 
 
-
-
-
-
 def cifar_test_split(root: Path) -> None:
     ImageDataModule("cifar10", root=str(root), num_workers=0).setup("test")
 

@@ -22,8 +22,6 @@ LOSSLESS20 = SHARED_DATA / "cifar10-lossless20"
 JPEG75 = SHARED_DATA / "cifar10-jpeg75"
 
 
-
-
 def test_resolution_errors_and_fixed_native_sizes():
     with pytest.raises(ValueError, match=r"resolution 48 cannot be served .*stored at 64x64"):
         ImageDataModule("synthetic", resolution=48, native_resolution=64)

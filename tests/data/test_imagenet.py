@@ -213,8 +213,11 @@ def oord_images(n: int, side: int) -> np.ndarray:
 def test_imagenet_van_den_oord_version_is_recognised(tmp_path):
     # PixelCNN++'s conversion of the 2016 PNG folders: one npz, keys trainx/testx, (N, 32, 32, 3), no labels
     np.savez(tmp_path / "imgnet_32x32.npz", trainx=oord_images(4, 32), testx=oord_images(2, 32))
-    with pytest.raises(DataError, match=r"imgnet_32x32.npz looks like the van den Oord et al. \(2016, PixelRNN\)"
-                                        r".*not comparable.*Downsampled ImageNet 32x32"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"imgnet_32x32.npz looks like the van den Oord et al. \(2016, PixelRNN\)"
+        r".*not comparable.*Downsampled ImageNet 32x32",
+    ):
         prepare32(tmp_path)
     # the same arrays under the npz version's file names: recognised by their keys, then by their layout
     write_imagenet(tmp_path, 32, [images(2, 32, i) for i in range(10)], images(2, 32, 10), official=False)
@@ -236,7 +239,10 @@ def test_imagenet_van_den_oord_png_folders_are_recognised(tmp_path):
 def test_run_without_cache_names_the_prepare_command(imagenet32, tmp_path):
     # what every DDP rank sees (prepare_data does not convert under DDP) and a run that skipped prepare_data
     command = rf"`lightning-dq prepare --dataset imagenet32 --root {imagenet32}`"
-    with pytest.raises(DataError, match=rf"no usable imagenet32 cache for the train split \(.*imagenet32_train.npy does not exist\): .*{command}"):
+    with pytest.raises(
+        DataError,
+        match=rf"no usable imagenet32 cache for the train split \(.*imagenet32_train.npy does not exist\): .*{command}",
+    ):
         ImageDataModule("imagenet32", root=str(imagenet32), num_workers=0).setup("fit")
     cache_dir = tmp_path / "elsewhere"
     with pytest.raises(DataError, match=rf"{command[:-1]} --cache_dir {cache_dir}`"):
@@ -250,7 +256,9 @@ def test_ddp_prepare_data_does_not_convert(imagenet32):
     dm.trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)  # built, not launched
     dm.prepare_data()
     assert not (imagenet32 / "lightning_dq_cache").exists()
-    with pytest.raises(DataError, match=r"imagenet32_train.npy does not exist\): .*lightning-dq prepare --dataset imagenet32"):
+    with pytest.raises(
+        DataError, match=r"imagenet32_train.npy does not exist\): .*lightning-dq prepare --dataset imagenet32"
+    ):
         dm.setup("fit")
 
 
@@ -288,8 +296,11 @@ def test_read_only_root_with_cache_dir(imagenet32, tmp_path_factory):
 def test_unwritable_cache_dir_says_to_set_cache_dir(imagenet32, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")  # mkdir under a file fails as a read-only mount does (root ignores chmod)
-    with pytest.raises(DataError, match=r"cannot write the ImageNet-32 cache .*a_file/sub/imagenet32_train.npy "
-                                        r"\((FileExistsError|NotADirectoryError).*set cache_dir"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"cannot write the ImageNet-32 cache .*a_file/sub/imagenet32_train.npy "
+        r"\((FileExistsError|NotADirectoryError).*set cache_dir",
+    ):
         prepare32(imagenet32, blocker / "sub")
 
 
@@ -311,7 +322,12 @@ def test_prepare_entry_converts_once_and_reports(imagenet32, tmp_path, capsys):
 
 def test_make_prepare_target(imagenet32, tmp_path):
     cache_dir = tmp_path / "made"
-    run = subprocess.run(["make", "-s", "prepare-imagenet32", f"DATA_ROOT={imagenet32}", f"CACHE_DIR={cache_dir}"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        ["make", "-s", "prepare-imagenet32", f"DATA_ROOT={imagenet32}", f"CACHE_DIR={cache_dir}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert np.load(cache_dir / "imagenet32_test.npy", mmap_mode="r").shape == (2, 3, 32, 32)

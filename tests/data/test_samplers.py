@@ -31,8 +31,13 @@ pytestmark = pytest.mark.xdist_group("sockets")
 BATCH = 4
 # name -> (trainer call, synthetic_train, val_size, synthetic_test): val 13 and test 7 are odd (Lightning's
 # DistributedSampler would repeat one image), val 1 and test 1 are smaller than the world size
-RUNS = {"fit13": ("fit", 40, 13, 7), "fit1": ("fit", 20, 1, 7), "validate13": ("validate", 40, 13, 7),
-        "test7": ("test", 40, 13, 7), "test1": ("test", 40, 13, 1)}  # fmt: skip
+RUNS = {
+    "fit13": ("fit", 40, 13, 7),
+    "fit1": ("fit", 20, 1, 7),
+    "validate13": ("validate", 40, 13, 7),
+    "test7": ("test", 40, 13, 7),
+    "test1": ("test", 40, 13, 1),
+}
 
 
 def digest(image: torch.Tensor) -> str:
@@ -41,8 +46,15 @@ def digest(image: torch.Tensor) -> str:
 
 def data(run: str) -> ImageDataModule:
     _, train, val, test = RUNS[run]
-    return ImageDataModule("synthetic", batch_size=BATCH, num_workers=0, resolution=8, synthetic_train=train,
-                           val_size=val, synthetic_test=test)  # fmt: skip
+    return ImageDataModule(
+        "synthetic",
+        batch_size=BATCH,
+        num_workers=0,
+        resolution=8,
+        synthetic_train=train,
+        val_size=val,
+        synthetic_test=test,
+    )
 
 
 class Recorder(LightningModule):
@@ -89,9 +101,18 @@ def run_all(out: Path) -> None:
     """Every run of RUNS with one 2-process DDP Trainer each (rank 0 launches rank 1 on the first)."""
     for run, (call, *_) in RUNS.items():
         model = Recorder()
-        trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_train_batches=2,
-                          num_sanity_val_steps=-1, logger=False, enable_checkpointing=False,
-                          enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        trainer = Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp",
+            max_epochs=2,
+            limit_train_batches=2,
+            num_sanity_val_steps=-1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         getattr(trainer, call)(model, datamodule=data(run))
         record = {"steps": model.steps, "totals": model.totals, "world": trainer.world_size}
         (out / f"{run}_rank{trainer.global_rank}.json").write_text(json.dumps(record))
@@ -132,13 +153,26 @@ def test_every_image_once_on_two_ranks(tmp_path, free_port):
 def test_cli_fit_validation_smaller_than_the_world(tmp_path, free_port):
     """The real console entry and model: 1 validation image on 2 ranks is counted once (Lightning's sampler
     would serve it to both), and the rank with the empty batch neither hangs nor fails."""
-    args = ["fit", *config_args("base", "ddp", "debug"), "--trainer.devices=2", "--trainer.max_epochs=1",
-            f"--trainer.default_root_dir={tmp_path}", "--data.init_args.val_size=1", "--trainer.limit_val_batches=1.0",
-            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-            f"--trainer.logger.init_args.save_dir={tmp_path}"]  # fmt: skip
+    args = [
+        "fit",
+        *config_args("base", "ddp", "debug"),
+        "--trainer.devices=2",
+        "--trainer.max_epochs=1",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--data.init_args.val_size=1",
+        "--trainer.limit_val_batches=1.0",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]
     env = dict(os.environ, WANDB_MODE="offline", PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()))
-    run = subprocess.run([sys.executable, "-m", "lightning_dq.cli", *args], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "lightning_dq.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     (metrics,) = tmp_path.rglob("metrics.csv")
     counts = [float(row["val/num_images"]) for row in csv.DictReader(metrics.open()) if row.get("val/num_images")]

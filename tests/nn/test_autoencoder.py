@@ -106,7 +106,9 @@ def test_encode_decode_round_trip_matches_the_forward_pass_and_never_changes_a_c
     before = {k: v.clone() for k, v in net.state_dict().items()}
     codes = net.encode(x)  # in training mode: the quantizers must not update
     assert net.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
-    assert [tuple(c.shape) for c in codes] == [(4, 2, 2, 2), (4, 2, 4, 4)] and all(c.dtype == torch.int64 for c in codes)
+    assert [tuple(c.shape) for c in codes] == [(4, 2, 2, 2), (4, 2, 4, 4)] and all(
+        c.dtype == torch.int64 for c in codes
+    )
     net.eval()
     with torch.no_grad():
         out = net(x)

@@ -27,8 +27,12 @@ def dmol_params(logits: Values, means: Values, log_scales: Values, coeffs: Value
 def random_dmol(n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Random logits (n,) and means, log-scales (some below the clamp), coeffs (3, n)."""
     g = torch.Generator().manual_seed(seed)
-    return (2 * torch.randn(n, generator=g), 1.5 * torch.randn(3, n, generator=g),
-            9 * torch.rand(3, n, generator=g) - 8, 2 * torch.randn(3, n, generator=g))
+    return (
+        2 * torch.randn(n, generator=g),
+        1.5 * torch.randn(3, n, generator=g),
+        9 * torch.rand(3, n, generator=g) - 8,
+        2 * torch.randn(3, n, generator=g),
+    )
 
 
 def pixel_probs(params: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -100,8 +104,14 @@ def peaked_at(x: torch.Tensor, n: int = 3, seed: int = 0) -> torch.Tensor:
     centres = x.double() / 127.5 - 1
     raw = torch.randn(b, 3, n, h, w, generator=g, dtype=torch.float64)  # coefficients, pre-tanh
     c = torch.tanh(raw[:, :, 0])
-    mean0 = torch.stack([centres[:, 0], centres[:, 1] - c[:, 0] * centres[:, 0],
-                         centres[:, 2] - c[:, 1] * centres[:, 0] - c[:, 2] * centres[:, 1]], 1)
+    mean0 = torch.stack(
+        [
+            centres[:, 0],
+            centres[:, 1] - c[:, 0] * centres[:, 0],
+            centres[:, 2] - c[:, 1] * centres[:, 0] - c[:, 2] * centres[:, 1],
+        ],
+        1,
+    )
     means = torch.randn(b, 3, n, h, w, generator=g, dtype=torch.float64)
     means[:, :, 0] = mean0
     logits = torch.zeros(b, n, h, w, dtype=torch.float64)
@@ -137,8 +147,9 @@ def test_dmol_peaked_sample_and_reconstruction_return_the_peak():
     torch.manual_seed(0)
     sample = head_sample("mix", params, 3, temperature=0.1)
     assert sample.dtype == torch.uint8 and sample.shape == x.shape and torch.equal(sample, x)
-    far = torch.cat([torch.zeros(1, 1, 2, 2), torch.full((1, 3, 2, 2), 1000.0),
-                     torch.full((1, 6, 2, 2), -7.0)], 1)  # means far above +1: always 255, never wrapped
+    far = torch.cat(
+        [torch.zeros(1, 1, 2, 2), torch.full((1, 3, 2, 2), 1000.0), torch.full((1, 6, 2, 2), -7.0)], 1
+    )  # means far above +1: always 255, never wrapped
     assert (head_sample("mix", far, 1) == 255).all()
 
 
@@ -155,8 +166,12 @@ def test_dmol_sample_histogram_matches_model():
     torch.manual_seed(0)
     n_samples = 20000
     coeffs = torch.tensor([[1.5, -1.0], [0.5, 1.0], [-1.0, 0.8]])  # strong R -> G, R -> B, G -> B coupling
-    parts = (torch.tensor([0.3, -0.2]), torch.tensor([[-0.3, 0.2], [0.1, -0.1], [0.0, 0.3]]),
-             torch.full((3, 2), -4.0), coeffs)
+    parts = (
+        torch.tensor([0.3, -0.2]),
+        torch.tensor([[-0.3, 0.2], [0.1, -0.1], [0.0, 0.3]]),
+        torch.full((3, 2), -4.0),
+        coeffs,
+    )
     params = dmol_params(*parts)
     sample = head_sample("mix", params.expand(1, -1, 100, 200), 2).view(3, -1).T.long()  # (N, 3)
     cells = grid(*(torch.arange(int(s.min()) - 3, int(s.max()) + 4).clamp(0, 255).unique() for s in sample.T))
@@ -177,8 +192,7 @@ def test_categorical_sample_histogram_matches_softmax_with_temperature():
     sample = head_sample("categorical", logits.expand(1, -1, 50, 100), temperature=0.5)  # (1, 3, 50, 100)
     probs = torch.softmax(logits.view(3, 256).double() / 0.5, dim=1)
     for c in range(3):
-        stat, df = chi_square(torch.bincount(sample[0, c].flatten().long(), minlength=256).double(),
-                              probs[c], 5000)
+        stat, df = chi_square(torch.bincount(sample[0, c].flatten().long(), minlength=256).double(), probs[c], 5000)
         assert stat < df + 5 * math.sqrt(2 * df)
     assert torch.equal(head_reconstruct("categorical", logits), logits.view(1, 3, 256, 1, 1).argmax(2).byte())
 
@@ -213,8 +227,9 @@ def test_dmol_and_categorical_match_brute_force():
     x = torch.randint(0, 256, (2, 3, 1, 2), dtype=torch.uint8)
     x[0, 0, 0, 0], x[1, 2, 0, 1] = 0, 255
     logits = torch.randn(2, 768, 1, 2)
+
     def nll(b: int, c: int, j: int) -> float:  # -log softmax, logit of value k at channel c * 256 + k
-        row = logits[b, c * 256:(c + 1) * 256, 0, j].tolist()
+        row = logits[b, c * 256 : (c + 1) * 256, 0, j].tolist()
         return math.log(sum(math.exp(t) for t in row)) - row[int(x[b, c, 0, j])]
 
     want = [sum(nll(b, c, j) for c in range(3) for j in range(2)) / 6 for b in range(2)]
@@ -261,8 +276,9 @@ def test_mse_head_loss_and_round_trip():
 
 def test_gradients_finite_for_extreme_parameters():
     log_scales = torch.tensor([-50.0, 100.0]).repeat(2, 3).view(2, 6, 1, 1)  # below the clamp, absurdly wide
-    params = torch.cat([torch.zeros(2, 2, 1, 1), torch.full((2, 6, 1, 1), 1000.0), log_scales,
-                        torch.zeros(2, 6, 1, 1)], 1)
+    params = torch.cat(
+        [torch.zeros(2, 2, 1, 1), torch.full((2, 6, 1, 1), 1000.0), log_scales, torch.zeros(2, 6, 1, 1)], 1
+    )
     params.requires_grad_(True)
     x = torch.tensor([[0, 128, 255], [255, 1, 0]], dtype=torch.uint8).view(2, 3, 1, 1)
     head_nll("mix", params, x, 2).sum().backward()
@@ -273,19 +289,22 @@ def u8(*shape: int) -> torch.Tensor:
     return torch.zeros(shape, dtype=torch.uint8)
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: head_nll("mix", torch.zeros(1, 30, 2, 2), torch.zeros(1, 3, 2, 2), 3), "x must be a uint8"),
-    (lambda: head_nll("mix", torch.zeros(1, 30, 2, 2), u8(1, 1, 2, 2), 3), "x must be a uint8"),
-    (lambda: head_nll("mix", torch.zeros(1, 30, 2, 2), u8(2, 3, 2, 2), 3), "x of shape"),
-    (lambda: head_nll("mix", torch.zeros(1, 90, 2, 2), u8(1, 3, 2, 2)), r"params must .* \(B, 100, H, W\)"),
-    (lambda: head_nll("mix", torch.zeros(1, 30, 2, 2, dtype=torch.long), u8(1, 3, 2, 2), 3), "params"),
-    (lambda: head_reconstruct("gaussian", torch.zeros(1, 3, 2, 2)), "head must be one of"),
-    (lambda: head_sample("mix", torch.zeros(1, 10, 2, 2), 0), "num_mixtures"),
-    (lambda: head_sample("mse", torch.zeros(1, 3, 2, 2)), "mse"),
-    (lambda: head_sample("categorical", torch.zeros(1, 768, 2, 2), temperature=-1.0), "temperature"),
-    (lambda: dmol_nll(torch.zeros(1, 25, 2, 2), u8(1, 3, 2, 2)), r"\(B, 10\*num_mixtures, H, W\)"),
-    (lambda: uniform_code_bits([(8, 8, 5)], (32, 32)), r"\(h, w, M, K\) per level"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: head_nll("mix", torch.zeros(1, 30, 2, 2), torch.zeros(1, 3, 2, 2), 3), "x must be a uint8"),
+        (lambda: head_nll("mix", torch.zeros(1, 30, 2, 2), u8(1, 1, 2, 2), 3), "x must be a uint8"),
+        (lambda: head_nll("mix", torch.zeros(1, 30, 2, 2), u8(2, 3, 2, 2), 3), "x of shape"),
+        (lambda: head_nll("mix", torch.zeros(1, 90, 2, 2), u8(1, 3, 2, 2)), r"params must .* \(B, 100, H, W\)"),
+        (lambda: head_nll("mix", torch.zeros(1, 30, 2, 2, dtype=torch.long), u8(1, 3, 2, 2), 3), "params"),
+        (lambda: head_reconstruct("gaussian", torch.zeros(1, 3, 2, 2)), "head must be one of"),
+        (lambda: head_sample("mix", torch.zeros(1, 10, 2, 2), 0), "num_mixtures"),
+        (lambda: head_sample("mse", torch.zeros(1, 3, 2, 2)), "mse"),
+        (lambda: head_sample("categorical", torch.zeros(1, 768, 2, 2), temperature=-1.0), "temperature"),
+        (lambda: dmol_nll(torch.zeros(1, 25, 2, 2), u8(1, 3, 2, 2)), r"\(B, 10\*num_mixtures, H, W\)"),
+        (lambda: uniform_code_bits([(8, 8, 5)], (32, 32)), r"\(h, w, M, K\) per level"),
+    ],
+)
 def test_bad_inputs_raise_value_error_naming_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()

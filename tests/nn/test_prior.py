@@ -198,7 +198,9 @@ def test_state_dict_round_trip() -> None:
     assert torch.equal(other.log_prob(codes), prior.log_prob(codes))
 
 
-@pytest.mark.parametrize("kwargs, match", [(dict(dim=30, heads=4), "heads dividing dim"), (dict(dropout=1.0), "dropout")])
+@pytest.mark.parametrize(
+    "kwargs, match", [(dict(dim=30, heads=4), "heads dividing dim"), (dict(dropout=1.0), "dropout")]
+)
 def test_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         CodePrior(GEOMETRY, **(dict(dim=32, heads=2) | kwargs))

@@ -10,16 +10,21 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from lightning_dq.cli import main
 from lightning_dq.data import ImageDataModule
+from lightning_dq.training.modules import PriorModule
 from tests.helpers import CONFIGS, REPO
 
 LAYERS = ["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "debug.yaml")]
 # the embedded real photos (scikit-image), 32x32 patches: test split = every patch of one held-out photo
-SAMPLE = ["--data.init_args.dataset=sample", "--data.init_args.native_resolution=32",
-          "--trainer.enable_model_summary=false"]  # fmt: skip
+SAMPLE = [
+    "--data.init_args.dataset=sample",
+    "--data.init_args.native_resolution=32",
+    "--trainer.enable_model_summary=false",
+]
 TEST_BATCH = 50
 
 
@@ -27,19 +32,43 @@ TEST_BATCH = 50
 def prior_run(tmp_path_factory) -> Path:
     """A debug-size auto-encoder trained on the sample photos, then a small prior on its codes, then `test`."""
     ae_dir, prior_dir = tmp_path_factory.mktemp("ae"), tmp_path_factory.mktemp("prior")
-    main(["fit", *LAYERS, *SAMPLE, f"--trainer.default_root_dir={ae_dir}", "--trainer.max_epochs=1",
-          "--trainer.limit_train_batches=40", "--data.init_args.batch_size=16"])  # fmt: skip
-    prior = [*LAYERS, "--config", str(CONFIGS / "prior_cifar10.yaml"), *SAMPLE,
-             f"--trainer.default_root_dir={prior_dir}",
-             f"--model.init_args.autoencoder_ckpt={ae_dir / 'checkpoints' / 'last.ckpt'}",
-             "--model.init_args.prior.init_args.dim=32", "--model.init_args.prior.init_args.depth=2",
-             "--model.init_args.optimizer=torch.optim.Adam", "--model.init_args.optimizer.init_args.lr=3e-3",
-             "--image_logger.every_n_epochs=0"]  # fmt: skip
-    main(["fit", *prior, "--trainer.max_epochs=1", "--trainer.limit_train_batches=60",
-          "--data.init_args.batch_size=16"])  # fmt: skip
+    main(
+        [
+            "fit",
+            *LAYERS,
+            *SAMPLE,
+            f"--trainer.default_root_dir={ae_dir}",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=40",
+            "--data.init_args.batch_size=16",
+        ]
+    )
+    prior = [
+        *LAYERS,
+        "--config",
+        str(CONFIGS / "prior_cifar10.yaml"),
+        *SAMPLE,
+        f"--trainer.default_root_dir={prior_dir}",
+        f"--model.init_args.autoencoder_ckpt={ae_dir / 'checkpoints' / 'last.ckpt'}",
+        "--model.init_args.prior.init_args.dim=32",
+        "--model.init_args.prior.init_args.depth=2",
+        "--model.init_args.optimizer=torch.optim.Adam",
+        "--model.init_args.optimizer.init_args.lr=3e-3",
+        "--image_logger.every_n_epochs=0",
+    ]
+    main(
+        ["fit", *prior, "--trainer.max_epochs=1", "--trainer.limit_train_batches=60", "--data.init_args.batch_size=16"]
+    )
     ckpt = prior_dir / "checkpoints" / "last.ckpt"
-    main(["test", *prior, f"--ckpt_path={ckpt}", "--trainer.limit_test_batches=1.0",
-          f"--data.init_args.batch_size={TEST_BATCH}"])  # fmt: skip
+    main(
+        [
+            "test",
+            *prior,
+            f"--ckpt_path={ckpt}",
+            "--trainer.limit_test_batches=1.0",
+            f"--data.init_args.batch_size={TEST_BATCH}",
+        ]
+    )
     return prior_dir
 
 
@@ -60,6 +89,39 @@ def test_learned_prior_beats_uniform_codes_and_never_beats_the_decoder(prior_run
     assert a <= c < b
     assert b - a == pytest.approx(0.68359375, abs=1e-5)  # README code structure at 32x32: the uniform cost
     assert (prior_run / "evaluation.md").read_text().count("\n") == 3  # header, rule, one row
+
+
+def test_a_b_c_recomputed_image_by_image_by_hand(prior_run):
+    """evaluation.json against A, B, C recomputed here from the checkpoint, image by image, from the decoder's NLL and
+    the prior's log_prob alone: a code cost divided by H*W instead of 3*H*W, or a wrong uniform cost, would show."""
+    module = PriorModule.load_from_checkpoint(prior_run / "checkpoints" / "last.ckpt", map_location="cpu").eval()
+    data = ImageDataModule(dataset="sample", resolution=32, batch_size=TEST_BATCH, num_workers=0)
+    data.setup("test")
+    a, b, c = [], [], []
+    with torch.no_grad():
+        for x in data.test_dataloader():  # (B, 3, 32, 32) uint8
+            out = module.autoencoder(x)
+            dims = 3 * 32 * 32
+            nll_bits = out.recon.double() * 3 * 32 * 32 / math.log(2)  # bits per image
+            code_bits = module.prior.log_prob(out.codes).double() / math.log(2)  # log2 p(z) per image
+            uniform = sum(h * h * 5 * math.log2(32) for h in (2, 4, 8))  # README code structure: M=5, K=32
+            a += (nll_bits / dims).tolist()
+            b += ((nll_bits + uniform) / dims).tolist()
+            c += ((nll_bits - code_bits) / dims).tolist()
+    figures = json.loads((prior_run / "evaluation.json").read_text())["figures"]
+    assert figures["A bpd_decoder"] == pytest.approx(sum(a) / len(a), abs=2e-5)
+    assert figures["B bpd_uniform"] == pytest.approx(sum(b) / len(b), abs=2e-5)
+    assert figures["C bpd_prior"] == pytest.approx(sum(c) / len(c), abs=2e-5)
+
+
+def test_an_evaluation_over_part_of_the_split_is_marked_partial(prior_run, tmp_path):
+    ckpt = prior_run / "checkpoints" / "last.ckpt"
+    args = [*LAYERS, "--config", str(CONFIGS / "prior_cifar10.yaml"), *SAMPLE, f"--trainer.default_root_dir={tmp_path}"]
+    args += ["--model.init_args.prior.init_args.dim=32", "--model.init_args.prior.init_args.depth=2"]
+    main(["test", *args, f"--ckpt_path={ckpt}", "--trainer.limit_test_batches=1", "--data.init_args.batch_size=8"])
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert (report["num_images"], report["whole_split"]) == (8, False) and report["split_size"] > 8
+    assert f"| 8 of {report['split_size']} (PARTIAL) |" in (tmp_path / "evaluation.md").read_text()
 
 
 def _experiment(name: str):

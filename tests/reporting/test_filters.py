@@ -69,5 +69,3 @@ def test_wandb_logger_dir_exists_before_its_run(tmp_path, capfd, monkeypatch):
     err = capfd.readouterr().err
     assert "does not exist" not in err
     assert "a warning that must stay" in err
-
-

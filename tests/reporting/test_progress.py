@@ -28,13 +28,23 @@ LINE = re.compile(
 def test_fit_with_stdout_to_a_file_prints_a_progress_line_every_n_steps_and_every_epoch(tmp_path):
     log = tmp_path / "stdout.log"
     with open(log, "w") as out, contextlib.redirect_stdout(out):  # a real file: not a terminal
-        cli = build_cli([*DEBUG_FIT, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=2",
-                         "--trainer.log_every_n_steps=2"])  # fmt: skip
+        cli = build_cli(
+            [
+                *DEBUG_FIT,
+                f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.max_epochs=2",
+                "--trainer.log_every_n_steps=2",
+            ]
+        )
     text = log.read_text()
     lines = [m.groupdict() for m in map(LINE.match, text.splitlines()) if m]
     # 4 batches per epoch, a line every 2: one mid-epoch line, then the epoch-end line (which covers batch 4)
     assert [(int(r["epoch"]), int(r["batch"]), int(r["step"]), bool(r["done"])) for r in lines] == [
-        (0, 2, 2, False), (0, 4, 4, True), (1, 2, 6, False), (1, 4, 8, True)]  # fmt: skip
+        (0, 2, 2, False),
+        (0, 4, 4, True),
+        (1, 2, 6, False),
+        (1, 4, 8, True),
+    ]
     assert all(r["last"] == "1" and float(r["rate"]) > 0 for r in lines)  # img/s of training, validation excluded
     assert lines[-1]["eta"] == "0:00:00"
     # the epoch-end lines carry that epoch's validation figures (mid-epoch lines of epoch 1: epoch 0's)
@@ -57,8 +67,15 @@ def test_fit_with_stdout_to_a_file_prints_a_progress_line_every_n_steps_and_ever
 def test_enable_progress_bar_false_prints_no_progress(tmp_path):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        cli = build_cli([*DEBUG_FIT, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1",
-                         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])  # fmt: skip
+        cli = build_cli(
+            [
+                *DEBUG_FIT,
+                f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.max_epochs=1",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false",
+            ]
+        )
     assert cli.trainer.progress_bar_callback is None
     assert cli.trainer.global_step == 4  # it trained
     assert not re.search(r"^(epoch|model:) ", out.getvalue(), re.M)
@@ -83,5 +100,3 @@ def test_terminal_keeps_the_rich_bar_files_get_plain_lines_and_a_listed_bar_is_k
     summaries = [type(c) for c in _trainer(io.StringIO()).callbacks if isinstance(c, ModelSummary)]
     assert summaries == [ModelSize]  # ours only, not Lightning's as well
     assert not [c for c in _trainer(io.StringIO(), enable_model_summary=False).callbacks if isinstance(c, ModelSummary)]
-
-

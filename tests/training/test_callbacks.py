@@ -17,10 +17,10 @@ from lightning_dq.data import ImageDataModule
 from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder
 from lightning_dq.nn.codebook import Codebook
 from lightning_dq.reporting.record import RunRecord
-from tests.helpers import config_args
 from lightning_dq.training.callbacks import CodebookReset
 from lightning_dq.training.metrics import CodeUsage
 from lightning_dq.training.modules import AutoEncoderModule
+from tests.helpers import config_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUIET = ["--trainer.enable_model_summary=false"]
@@ -61,10 +61,15 @@ def test_codebook_reset_flag_and_restarts_follow_the_schedule(every_n_steps, sto
     data = ImageDataModule("synthetic", batch_size=8, num_workers=0, val_size=0, synthetic_train=72)
     recorder = RestartRecorder()
     trainer = Trainer(
-        accelerator="cpu", max_steps=9, limit_val_batches=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        max_steps=9,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=[CodebookReset(every_n_steps, stop_after_step), recorder],
-    )  # fmt: skip
+    )
     trainer.fit(model, datamodule=data)
     assert sorted(recorder.flags) == list(range(9))
     for step, flags in recorder.flags.items():
@@ -87,10 +92,21 @@ def test_codebook_reset_rejects_a_zero_interval():
 def scheduled_run(tmp_path_factory) -> Path:
     """The debug config for 3 epochs of 3 steps: restarts every 3rd step until step 7, images every 2nd epoch."""
     root = tmp_path_factory.mktemp("scheduled")
-    main(["fit", *config_args("base", "debug"), f"--trainer.default_root_dir={root}", *QUIET,
-          "--trainer.max_epochs=3", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
-          "--codebook_reset.every_n_steps=3", "--codebook_reset.stop_after_step=7",
-          "--image_logger.every_n_epochs=2", "--image_logger.num_images=4"])  # fmt: skip
+    main(
+        [
+            "fit",
+            *config_args("base", "debug"),
+            f"--trainer.default_root_dir={root}",
+            *QUIET,
+            "--trainer.max_epochs=3",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=1",
+            "--codebook_reset.every_n_steps=3",
+            "--codebook_reset.stop_after_step=7",
+            "--image_logger.every_n_epochs=2",
+            "--image_logger.num_images=4",
+        ]
+    )
     return root
 
 
@@ -154,8 +170,10 @@ def test_channels_last_changes_layout_not_numbers():
         net.load_state_dict(weights)
         modules[flag] = AutoEncoderModule(net, channels_last=flag)
     # kernels wider than 1x1 (a 1x1 kernel is contiguous in both layouts)
-    convs = {flag: [m for m in mod.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
-             for flag, mod in modules.items()}  # fmt: skip
+    convs = {
+        flag: [m for m in mod.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+        for flag, mod in modules.items()
+    }
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs[True])
     assert not any(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs[False])
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))

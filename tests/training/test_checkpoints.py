@@ -20,9 +20,16 @@ from lightning_dq.errors import CheckpointError
 from lightning_dq.training.checkpoints import AtomicCheckpointIO, load_checkpoint_file
 from tests.helpers import CONFIGS
 
-DEBUG = ["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "debug.yaml"),
-         "--trainer.enable_model_summary=false", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-         "--trainer.max_epochs=1"]  # fmt: skip
+DEBUG = [
+    "--config",
+    str(CONFIGS / "base.yaml"),
+    "--config",
+    str(CONFIGS / "debug.yaml"),
+    "--trainer.enable_model_summary=false",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.max_epochs=1",
+]
 
 
 def _save_then_die_mid_write(path: str, marker: str) -> None:
@@ -69,8 +76,12 @@ def test_load_errors_name_the_file(tmp_path):
     (tmp_path / "noise.ckpt").write_bytes(b"\x00" * 100)
     (tmp_path / "evil.ckpt").write_bytes(b"")
     torch.save({"state_dict": {}, "obj": Path("x")}, tmp_path / "evil.ckpt")  # a pickled object, not plain data
-    for name, message in [("cut.ckpt", "truncated"), ("noise.ckpt", "truncated"), ("evil.ckpt", "pickled Python"),
-                          ("missing.ckpt", "does not exist")]:  # fmt: skip
+    for name, message in [
+        ("cut.ckpt", "truncated"),
+        ("noise.ckpt", "truncated"),
+        ("evil.ckpt", "pickled Python"),
+        ("missing.ckpt", "does not exist"),
+    ]:
         with pytest.raises(CheckpointError, match=message) as err:
             load_checkpoint_file(tmp_path / name)
         assert str(tmp_path / name) in str(err.value)

@@ -52,9 +52,18 @@ def _cli(*args: str, cwd: Path, port: int) -> subprocess.CompletedProcess:
 
 
 def test_lightning_ddp_two_cpu_processes(tmp_path, free_port):
-    layered = ["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "ddp.yaml"),
-               "--config", str(CONFIGS / "debug.yaml"), "--trainer.devices=2", f"--trainer.default_root_dir={tmp_path}",
-               "--data.init_args.synthetic_test=37", "--data.init_args.batch_size=8"]  # fmt: skip
+    layered = [
+        "--config",
+        str(CONFIGS / "base.yaml"),
+        "--config",
+        str(CONFIGS / "ddp.yaml"),
+        "--config",
+        str(CONFIGS / "debug.yaml"),
+        "--trainer.devices=2",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--data.init_args.synthetic_test=37",
+        "--data.init_args.batch_size=8",
+    ]
     fit = _cli("fit", *layered, "--trainer.max_epochs=2", cwd=tmp_path, port=free_port())
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "MEMBER: 2/2" in fit.stderr  # two processes really ran

@@ -27,8 +27,12 @@ class DumpCodebooks(Callback):
         self.out_dir = out_dir
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        state = {f"{name}.{b}": buf.clone() for name, m in pl_module.named_modules() if isinstance(m, Codebook)
-                 for b, buf in m.named_buffers()}  # fmt: skip
+        state = {
+            f"{name}.{b}": buf.clone()
+            for name, m in pl_module.named_modules()
+            if isinstance(m, Codebook)
+            for b, buf in m.named_buffers()
+        }
         record = {"state": state, "node_rank": trainer.node_rank, "world_size": trainer.world_size}
         torch.save(record, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
 
@@ -40,14 +44,29 @@ def test_two_torchrun_nodes_fit_with_identical_codebooks(tmp_path, free_port):
     assert torchrun and entry, "torchrun and the lightning-dq console script come with the install"
     root, dumps = tmp_path / "run", tmp_path / "dumps"
     dumps.mkdir()
-    dump = json.dumps({"class_path": "tests.training.test_multinode.DumpCodebooks", "init_args": {"out_dir": str(dumps)}})
-    fit = [entry, "fit", *(a for n in ("base", "debug", "ddp") for a in ("--config", str(CONFIGS / f"{n}.yaml"))),
-           "--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
-           "--trainer.limit_val_batches=1", "--trainer.enable_model_summary=false",
-           f"--trainer.default_root_dir={root}", f"--trainer.callbacks+={dump}"]  # fmt: skip
+    dump = json.dumps(
+        {"class_path": "tests.training.test_multinode.DumpCodebooks", "init_args": {"out_dir": str(dumps)}}
+    )
+    fit = [
+        entry,
+        "fit",
+        *(a for n in ("base", "debug", "ddp") for a in ("--config", str(CONFIGS / f"{n}.yaml"))),
+        "--trainer.num_nodes=2",
+        "--trainer.devices=1",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.callbacks+={dump}",
+    ]
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")  # fmt: skip
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        PYTHONWARNINGS="ignore",
+        OMP_NUM_THREADS="1",
+    )
     nodes = [
         subprocess.Popen(
             [
@@ -65,7 +84,7 @@ def test_two_torchrun_nodes_fit_with_identical_codebooks(tmp_path, free_port):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for rank in (0, 1)
     ]
     outputs = []

@@ -60,22 +60,41 @@ def _fit(rank: int, out_dir: str, bad_steps: set[int], max_steps: int) -> dict:
     data = torch.randn(64, 3, 2, 2, generator=torch.Generator().manual_seed(rank))
     guard = NonFiniteGuard(max_consecutive=3)
     ckpt = ModelCheckpoint(dirpath=os.path.join(out_dir, "checkpoints"), every_n_train_steps=1, save_last=True)
-    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=max_steps, logger=False,
-                      callbacks=[guard, ckpt], enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=max_steps,
+        logger=False,
+        callbacks=[guard, ckpt],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     error = None
     try:
         trainer.fit(model, DataLoader(data, batch_size=4))
     except TrainingDivergedError as err:
         error = str(err)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return {"state": state, "skipped": guard.skipped_steps, "step": trainer.global_step, "error": error,
-            "logged": float(trainer.callback_metrics.get("train/skipped_steps", -1))}  # fmt: skip
+    return {
+        "state": state,
+        "skipped": guard.skipped_steps,
+        "step": trainer.global_step,
+        "error": error,
+        "logged": float(trainer.callback_metrics.get("train/skipped_steps", -1)),
+    }
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     # torchrun-style environment: Lightning joins these processes instead of launching its own
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                      LOCAL_RANK=str(rank), NODE_RANK="0")  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
     once = _fit(rank, os.path.join(out_dir, "once"), bad_steps={2, 5}, max_steps=8)
     diverged = _fit(rank, os.path.join(out_dir, "diverged"), bad_steps=set(range(3, 100)), max_steps=50)
     torch.save({"once": once, "diverged": diverged}, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -112,8 +131,16 @@ def test_single_process_skip_with_gradient_clipping():
     torch.manual_seed(0)
     model = TinyQuantized(bad_rank=0, bad_steps={1})
     guard = NonFiniteGuard(max_consecutive=2)
-    trainer = Trainer(accelerator="cpu", max_steps=3, logger=False, gradient_clip_val=2.0, callbacks=[guard],
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        gradient_clip_val=2.0,
+        callbacks=[guard],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(model, DataLoader(torch.randn(16, 3, 2, 2), batch_size=4))
     assert trainer.global_step == 3 and guard.skipped_steps == 1 and guard.consecutive == 0
     assert all(torch.isfinite(p).all() for p in model.parameters())

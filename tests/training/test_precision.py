@@ -59,7 +59,12 @@ def test_without_fast_bf16_the_whole_prior_step_runs_in_fp32(tmp_path, monkeypat
     one console line says why, and the prior's Transformer computes in fp32 (it has no fallback of its own)."""
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
     ae = tmp_path / "ae"
-    common = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--trainer.logger=false"]
+    common = [
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=1",
+        "--trainer.limit_val_batches=1",
+        "--trainer.logger=false",
+    ]
     base = [*config_args("base", "debug"), "--trainer.precision=null"]
     main(["fit", *base, *common, f"--trainer.default_root_dir={ae}"])
     assert yaml.safe_load((ae / "config.yaml").read_text())["trainer"]["precision"] == "32-true"

@@ -32,7 +32,9 @@ class ShapeRecorder(LightningModule):
 
 
 def test_resolution_follows_the_epoch_under_a_trainer():
-    dm = ImageDataModule("synthetic", batch_size=8, num_workers=0, synthetic_train=40, val_size=8, resolution=8, native_resolution=16)
+    dm = ImageDataModule(
+        "synthetic", batch_size=8, num_workers=0, synthetic_train=40, val_size=8, resolution=8, native_resolution=16
+    )
     model = ShapeRecorder()
     trainer = Trainer(
         accelerator="cpu",

@@ -18,10 +18,19 @@ from lightning_dq.cli import main
 from lightning_dq.training.checkpoints import load_checkpoint_file
 from tests.helpers import CONFIGS, REPO
 
-ARGS = ["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "debug.yaml"),
-        "--trainer.enable_model_summary=false", "--trainer.max_epochs=2", "--trainer.limit_train_batches=4",
-        "--trainer.limit_val_batches=1", "--resume.every_n_train_steps=1",
-        "--resolution_schedule.milestones={0: 32, 1: 64}", "--checkpoint.monitor=val/loss_64px"]  # fmt: skip
+ARGS = [
+    "--config",
+    str(CONFIGS / "base.yaml"),
+    "--config",
+    str(CONFIGS / "debug.yaml"),
+    "--trainer.enable_model_summary=false",
+    "--trainer.max_epochs=2",
+    "--trainer.limit_train_batches=4",
+    "--trainer.limit_val_batches=1",
+    "--resume.every_n_train_steps=1",
+    "--resolution_schedule.milestones={0: 32, 1: 64}",
+    "--checkpoint.monitor=val/loss_64px",
+]
 KILL_STEP = 6  # epoch 1 (steps 4-7) at 64px, after 2 of its 4 batches
 
 
@@ -41,8 +50,15 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path):
     main(["fit", *ARGS, f"--trainer.default_root_dir={straight}"])
 
     kill = json.dumps({"class_path": "tests.helpers.KillAt", "init_args": {"step": KILL_STEP}})
-    cmd = [sys.executable, "-m", "lightning_dq.cli", "fit", *ARGS, f"--trainer.default_root_dir={killed}",
-           f"--trainer.callbacks+={kill}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_dq.cli",
+        "fit",
+        *ARGS,
+        f"--trainer.default_root_dir={killed}",
+        f"--trainer.callbacks+={kill}",
+    ]
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]

@@ -144,8 +144,11 @@ def test_test_writes_its_own_config_and_saved_config_tells_where_files_went(tmp_
     assert yaml.safe_load((tmp_path / "config_test.yaml").read_text())["ckpt_path"] == "last"
 
 
-WANDB = ["--trainer.logger+=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.project=lightning-dq-test",
-         "--trainer.logger.offline=true"]  # fmt: skip
+WANDB = [
+    "--trainer.logger+=lightning.pytorch.loggers.WandbLogger",
+    "--trainer.logger.project=lightning-dq-test",
+    "--trainer.logger.offline=true",
+]
 
 
 @pytest.mark.xdist_group("sockets")  # W&B talks to its service over a local socket
@@ -189,13 +192,23 @@ def test_wandb_mode_online_is_a_config_value(tmp_path, monkeypatch):
 def test_prior_checkpoint_stands_alone_from_a_python_made_autoencoder(tmp_path):
     net = debug_net()
     data = ImageDataModule(dataset="synthetic", batch_size=8, num_workers=0, val_size=64, native_resolution=64)
-    trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)  # fmt: skip
+    trainer = Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(AutoEncoderModule(net), data)
     ae_ckpt = tmp_path / "ae" / "ae.ckpt"
     trainer.save_checkpoint(ae_ckpt)
-    prior = [f"--model.init_args.autoencoder_ckpt={ae_ckpt}", "--model.init_args.prior.init_args.dim=32",
-             "--trainer.max_epochs=1"]  # fmt: skip
+    prior = [
+        f"--model.init_args.autoencoder_ckpt={ae_ckpt}",
+        "--model.init_args.prior.init_args.dim=32",
+        "--trainer.max_epochs=1",
+    ]
     fit(tmp_path / "prior", *prior, configs=("prior_demo.yaml",))
     evaluate = [*prior, "--ckpt_path=last", "--trainer.limit_test_batches=2"]
     fit(tmp_path / "prior", *evaluate, sub="test", configs=("prior_demo.yaml",))
@@ -216,7 +229,9 @@ def _optimizer(tmp_path: Path, *extra: str) -> tuple[str, dict]:
     """The optimizer a one-step fit used: its class in the saved config and its param group in the checkpoint."""
     fit(tmp_path, "--trainer.max_steps=1", "--resume.every_n_train_steps=1", *extra)
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    group = torch.load(tmp_path / "checkpoints" / "last-step.ckpt", weights_only=True)["optimizer_states"][0]["param_groups"][0]
+    group = torch.load(tmp_path / "checkpoints" / "last-step.ckpt", weights_only=True)["optimizer_states"][0][
+        "param_groups"
+    ][0]
     return config["model"]["init_args"]["optimizer"]["class_path"], group
 
 
@@ -251,9 +266,13 @@ def test_warmup_cosine_factors_by_hand():
 
 
 def test_lr_schedule_is_logged_every_step(tmp_path):
-    schedule = ["--model.init_args.lr_scheduler=lightning_dq.training.schedules.WarmupCosine",
-                "--model.init_args.lr_scheduler.warmup_steps=3", "--model.init_args.lr_scheduler.total_steps=8",
-                "--trainer.max_epochs=2", "--trainer.limit_train_batches=4"]  # fmt: skip
+    schedule = [
+        "--model.init_args.lr_scheduler=lightning_dq.training.schedules.WarmupCosine",
+        "--model.init_args.lr_scheduler.warmup_steps=3",
+        "--model.init_args.lr_scheduler.total_steps=8",
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=4",
+    ]
     fit(tmp_path, *schedule)
     logged = {int(r["step"]): r["lr-Adam"] for r in rows(tmp_path) if "lr-Adam" in r}
     assert [logged[s] for s in range(4)] == pytest.approx([5e-5, 1e-4, 1.5e-4, 2e-4])

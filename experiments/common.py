@@ -90,7 +90,8 @@ def fit_run(run_dir: Path, overrides: dict[str, Any], threads: int = 1) -> None:
     the console output goes to `run_dir/fit.log`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     args = [arg for path in CONFIGS for arg in ("--config", path)]
-    args += [f"--{key}={value}" for key, value in {"trainer.default_root_dir": run_dir, **overrides}.items()]
+    values = {"trainer.default_root_dir": run_dir, **overrides}
+    args += [f"--{key}={'null' if value is None else value}" for key, value in values.items()]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
     with open(run_dir / "fit.log", "a") as log:
         done = subprocess.run(

@@ -143,7 +143,7 @@ class ImageDataModule(LightningDataModule):
         distributed = (self.trainer is not None and self.trainer.world_size > 1) or is_distributed()
         if self.dataset == "cifar10" and self.download:
             download_cifar10(self.root, self.fallback)
-        elif self.dataset in STORED_SIDE and not distributed:
+        elif self.dataset in ("imagenet32", "imagenet64") and not distributed:
             prepare_imagenet(self.root, self.native_resolution, self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
@@ -187,7 +187,7 @@ class ImageDataModule(LightningDataModule):
         side = self.native_resolution
         if self._served == "cifar10":
             return read_cifar10(find_cifar10(self.root), CIFAR10_FILES[split], self._notes)
-        if self._served in STORED_SIDE:
+        if self._served in ("imagenet32", "imagenet64"):
             images = open_imagenet(self.root, side, self.cache_dir, split)
             if len(images) != IMAGENET_COUNTS[split]:
                 self._notes[f"{len(images)} {split} images, not the full {IMAGENET_COUNTS[split]}"] = None

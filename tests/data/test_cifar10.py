@@ -171,3 +171,14 @@ def test_cifar10_python3_pickles_of_every_protocol_still_load(tmp_path):
         dm = ImageDataModule("cifar10", root=str(tmp_path), num_workers=0)
         dm.setup("test")
         np.testing.assert_array_equal(dm.test_dataloader().dataset.images, batch)
+
+
+def test_prepare_data_without_download_reads_and_writes_nothing(tmp_path):
+    """What every fit runs first: CIFAR-10 present and download=False needs no preparation (and is no ImageNet)."""
+    write_cifar(tmp_path, [images(2, 32, seed) for seed in range(5)], images(2, 32, 9))
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    dm = ImageDataModule("cifar10", root=str(tmp_path), num_workers=0, val_size=2)
+    dm.prepare_data()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    dm.setup("fit")
+    assert dm.data_description.startswith("cifar10 (official python format)")

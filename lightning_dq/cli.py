@@ -55,6 +55,7 @@ where to find every option:
   lightning-dq fit --model.help lightning_dq.training.modules.AutoEncoderModule   a model class's options
   lightning-dq fit --data.help lightning_dq.data.ImageDataModule                 the data options
   lightning-dq prepare --help             convert downsampled ImageNet's npz files to the memory-mapped cache
+  lightning-dq encode|compress|decompress --help   codes of a dataset; lossless files of images (docs/codec.md)
   groups: trainer (Lightning Trainer), model, data, and the project's own:
 """
 
@@ -148,9 +149,9 @@ class DQCLI(LightningCLI):
     before_fit = before_validate = before_test = _check_ckpt_path
 
 
-def build_cli(args: ArgsType = None) -> DQCLI:
+def build_cli(args: ArgsType = None, run: bool = True) -> DQCLI:
     """Parse `args` (a list of CLI arguments, or None for sys.argv) and run the subcommand; returns the CLI object,
-    whose `config`, `trainer`, `model` and `datamodule` tests and notebooks can inspect."""
+    whose `config`, `trainer`, `model` and `datamodule` one can inspect (`run=False`: no subcommand, nothing run)."""
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)  # `${trainer...}` means the top-level key
     install_filters()
     argv = list(sys.argv[1:] if args is None else args)
@@ -172,6 +173,7 @@ def build_cli(args: ArgsType = None) -> DQCLI:
         seed_everything_default=0,
         auto_configure_optimizers=False,
         args=args,
+        run=run,
     )
 
 
@@ -194,7 +196,7 @@ def prepare(argv: list[str]) -> None:
     print(f"ready: train with --data.init_args.root={ns.root}{cache_arg}")
 
 
-COMMANDS = {"prepare": prepare}  # the project's own commands beside LightningCLI's subcommands
+CODEC_COMMANDS = ("encode", "compress", "decompress")  # lightning_dq.codec.commands, imported for them only
 
 
 def find_user_error(err: BaseException | None) -> UserError | None:
@@ -214,7 +216,11 @@ def main(args: ArgsType = None) -> None:
     keeps its traceback."""
     argv = list(sys.argv[1:] if args is None else args)
     try:
-        if argv and argv[0] in COMMANDS:
+        if argv and argv[0] == "prepare":
+            prepare(argv[1:])
+        elif argv and argv[0] in CODEC_COMMANDS:
+            from lightning_dq.codec.commands import COMMANDS
+
             COMMANDS[argv[0]](argv[1:])
         else:
             build_cli(args)

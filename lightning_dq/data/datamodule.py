@@ -23,6 +23,7 @@ import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from lightning_dq.codec.codes import CodeDataset
 from lightning_dq.data.arrays import ImageArrayDataset, check_servable
 from lightning_dq.data.cifar10 import CIFAR10_FILES, cifar10_fallback, download_cifar10, find_cifar10, read_cifar10
 from lightning_dq.data.imagenet import IMAGENET_COUNTS, open_imagenet, prepare_imagenet
@@ -68,6 +69,8 @@ class ImageDataModule(LightningDataModule):
         synthetic_test: number of synthetic test images.
         cache_dir: imagenet32/64: folder of the converted arrays (None = `<root>/lightning_dq_cache`), e.g. for a
             read-only `root`. Every rank must see the same cache.
+        codes: a folder `lightning-dq encode` wrote: train and val batches are then the flat codes (B, T) int64 of
+            those images, for a prior (the test split stays images: figure A needs the decoder).
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class ImageDataModule(LightningDataModule):
         synthetic_train: int = 512,
         synthetic_test: int = 128,
         cache_dir: str | None = None,
+        codes: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -120,6 +124,7 @@ class ImageDataModule(LightningDataModule):
         self.synthetic_train = synthetic_train
         self.synthetic_test = synthetic_test
         self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / "lightning_dq_cache"
+        self.codes = codes
         self.native_resolution = STORED_SIDE.get(dataset) or native_resolution or resolution
         self.resolution = resolution
         self._served: str = dataset  # becomes "sample" when cifar10 falls back
@@ -214,6 +219,8 @@ class ImageDataModule(LightningDataModule):
         source = Path(images.filename) if isinstance(images, np.memmap) else images  # workers map files again
         # train and val are scattered rows of the stored array: random access, no readahead
         dataset = ImageArrayDataset(source, self.resolution, rows, self.hflip and split == "train", rows is not None)
+        if self.codes and split != "test":  # the same images, encoded once
+            dataset = CodeDataset(self.codes, split, len(dataset), self.resolution)
         workers = self.num_workers
         common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
         world, rank = (dist.get_world_size(), dist.get_rank()) if is_distributed() else (1, 0)

@@ -8,20 +8,25 @@ from pathlib import Path
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from lightning_dq.codec import compress
 from lightning_dq.nn.figures import FIGURES
 from lightning_dq.reporting.wandb import wandb_loggers
 
-HEADER = (
-    "| data | resolution | test images | A decoder-only (not a bound) | B uniform codes | C learned prior | MSE |\n"
-    "| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
-)
+COLUMNS = {"A bpd_decoder": "A decoder-only (not a bound)", "B bpd_uniform": "B uniform codes"}
+COLUMNS |= {"C bpd_prior": "C learned prior", "mse": "MSE", "C coded": "C coded (bits written)"}
 
 
 class EvaluationReport(Callback):
     """After `test`, writes its figures to `evaluation.json`, `evaluation.md` and W&B's `test/evaluation`. The
-    figures of `HEADER`, how many test images were evaluated (PARTIAL when not all), the data and the checkpoints."""
+    figures of `COLUMNS`, how many test images were evaluated (PARTIAL when not all), the data and the checkpoints.
 
-    def __init__(self) -> None:
+    Args:
+        coded_images: also compress the first N test images losslessly (`lightning_dq.codec`) and report the bits
+            written per dim, `bpd_coded`, next to figure C of the same images (-1: the whole split; 0: no coding).
+    """
+
+    def __init__(self, coded_images: int = 0) -> None:
+        self.coded_images = coded_images
         self._loaded: dict = {}
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
@@ -55,15 +60,30 @@ class EvaluationReport(Callback):
             "autoencoder": getattr(pl_module, "autoencoder_source", None) if prior is not None else evaluated,
             "all_metrics": metrics,
         }
+        if self.coded_images and getattr(pl_module, "autoencoder", None) is not None:  # figure C in real bytes
+            dataset = loaders[0].dataset
+            count = len(dataset) if self.coded_images < 0 else min(self.coded_images, len(dataset))
+            coded = compress(
+                list(dataset[list(range(count))]), pl_module.autoencoder, prior, resolution=report["resolution"]
+            )
+            report["coded"] = {
+                "images": count,
+                "bpd_coded": coded.bits_per_dim,
+                "bpd_estimated": coded.estimated_bits_per_dim,
+            }
+            report["coded"] |= {"bytes": len(coded.data), "stream_bits": coded.payload_bits}
+            figures["C coded"] = coded.bits_per_dim
         root = Path(trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)
         (root / "evaluation.json").write_text(json.dumps(report, indent=1))
         images = f"{num_images}" if report["whole_split"] else f"{num_images} of {split_size} (PARTIAL)"
         cells = ["n/a" if v is None else f"{v:.4f}" for v in figures.values()]
         row = f"| {report['data']} | {report['resolution']} | {images} | " + " | ".join(cells) + " |"
-        (root / "evaluation.md").write_text(HEADER + row + "\n")
+        header = "| data | resolution | test images | " + " | ".join(COLUMNS[k] for k in figures) + " |\n"
+        header += "| --- |" + " ---: |" * (len(figures) + 2) + "\n"
+        (root / "evaluation.md").write_text(header + row + "\n")
         for logger in wandb_loggers(trainer):
             columns = ["data", "resolution", "test images", "whole split", *figures]
             values = [report["data"], report["resolution"], num_images, report["whole_split"], *figures.values()]
             logger.log_table(key="test/evaluation", columns=columns, data=[values])
-        print(f"evaluation written to {root / 'evaluation.json'}\n{HEADER}{row}")
+        print(f"evaluation written to {root / 'evaluation.json'}\n{header}{row}")

@@ -55,7 +55,7 @@ class ImageLogger(Callback):
         x, self._batch = self._batch, None
         folder, epoch = Path(trainer.default_root_dir) / "images", trainer.current_epoch
         if hasattr(pl_module, "prior"):  # PriorModule: samples
-            grid = make_grid(pl_module.sample(self.num_images, x.shape[-1]), nrow=self.num_images)
+            grid = make_grid(pl_module.sample(self.num_images, trainer.datamodule.resolution), nrow=self.num_images)
             log_image(trainer, "val/samples", grid, folder / f"samples_e{epoch:04d}.png")
             return
         net = pl_module.net

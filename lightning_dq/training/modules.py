@@ -15,6 +15,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lightning_dq.codec.codes import check_codes_match
 from lightning_dq.errors import CheckpointError, ConfigError
 from lightning_dq.nn.autoencoder import AutoEncoderOutput, HierarchicalAutoEncoder
 from lightning_dq.nn.figures import bits_per_dim, likelihood_figures, reconstruction_mse
@@ -91,12 +92,12 @@ class CodeModelModule(LightningModule):
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         self._step(batch, "test")
 
-    def _update(self, stage: str, x: Tensor, values: dict[str, Tensor], codes: list[Tensor]) -> None:
-        self._sides[stage] = x.shape[-1]
+    def _update(self, stage: str, side: int, values: dict[str, Tensor], codes: list[Tensor]) -> None:
+        self._sides[stage] = side
         self.stage_metrics(stage).update(values, codes)
         if stage == "train":  # step-level curves; epoch aggregates are logged at epoch end
-            step = {f"train/{n}": v.mean() for n, v in values.items()} | {"train/resolution": float(x.shape[-1])}
-            self.log_dict(step, batch_size=x.shape[0])
+            step = {f"train/{n}": v.mean() for n, v in values.items()} | {"train/resolution": float(side)}
+            self.log_dict(step, batch_size=len(codes[0]))
 
     def _log_epoch(self, stage: str) -> None:
         """Compute (all-reducing), log and reset the stage's aggregates; every branch reads values summed over ranks,
@@ -110,7 +111,8 @@ class CodeModelModule(LightningModule):
                 f"{stage}: {nonfinite} of {images} images have a non-finite bits/dim or loss; the {stage} figures "
                 f"would not cover every image. Check the checkpoint (NaN weights?) and the data."
             )
-        logged = {self.metric_key(stage, name): metric.compute() for name, metric in metrics.means.items()}
+        means = {name: metric for name, metric in metrics.means.items() if metric.update_called}  # code batches: no A
+        logged = {self.metric_key(stage, name): metric.compute() for name, metric in means.items()}
         logged[self.metric_key(stage, "num_images")] = float(images)
         for i, usage in enumerate(metrics.usage):
             for key, value in usage.compute().items():
@@ -211,7 +213,7 @@ class AutoEncoderModule(CodeModelModule):
         values = decoder_figures(self.net, x, out)
         values["loss"] = loss.detach().expand(x.shape[0])
         values["commitment"] = out.commitment.detach().expand(x.shape[0])
-        self._update(stage, x, values, out.codes)
+        self._update(stage, x.shape[-1], values, out.codes)
         if stage == "train":
             for i, s in enumerate(out.stats):
                 stats = {
@@ -287,6 +289,8 @@ class PriorModule(CodeModelModule):
             )
         if self.autoencoder is None:
             read_autoencoder(self.autoencoder_ckpt or "")  # raises, naming the missing file
+        if getattr(self.trainer.datamodule, "codes", None):  # code files of another auto-encoder are refused
+            check_codes_match(self.trainer.datamodule.codes, self.autoencoder)
 
     on_fit_start = on_validation_start = on_test_start = _require_autoencoder
 
@@ -316,19 +320,24 @@ class PriorModule(CodeModelModule):
         return self._optimizers(self.prior.parameters())
 
     def _step(self, batch: Tensor, stage: str) -> Tensor:
-        x = batch  # (B, 3, H, W) uint8
-        with torch.no_grad():  # one auto-encoder pass: the codes and, in evaluation, the decoder figures
-            out = self.autoencoder(x) if stage != "train" else None
-            codes = out.codes if out is not None else self.autoencoder.encode(x)
+        out = None
+        if batch.dtype == torch.int64:  # flat codes (B, T) of a code dataset: no auto-encoder pass
+            side = self.trainer.datamodule.resolution
+            codes = self.autoencoder.geometry.unflatten(batch, side)
+        else:  # uint8 images (B, 3, H, W): one auto-encoder pass gives the codes and, in evaluation, A and B
+            side = batch.shape[-1]
+            with torch.no_grad():
+                out = self.autoencoder(batch) if stage != "train" else None
+                codes = out.codes if out is not None else self.autoencoder.encode(batch)
         nats = -self.prior.log_prob(codes)  # (B,) for all codes of an image
         tokens = sum(c.shape[1:].numel() for c in codes)
         loss = nats.mean() / tokens
-        values = {"loss": loss.detach().expand(x.shape[0]), "prior_bits_per_code": bits_per_dim(nats.detach() / tokens)}
-        if out is None:  # shapes, not x[0]: a DDP rank may get an empty batch
-            values["bpd_prior_codes"] = bits_per_dim(nats.detach()) / x.shape[1:].numel()
+        values = {"loss": loss.detach().expand(len(batch)), "prior_bits_per_code": bits_per_dim(nats.detach() / tokens)}
+        if out is None:
+            values["bpd_prior_codes"] = bits_per_dim(nats.detach()) / (3 * side**2)
         else:  # A, B, C and the prior's code cost, from the same auto-encoder pass
-            values |= decoder_figures(self.autoencoder, x, out, -nats.detach())
-        self._update(stage, x, values, codes)
+            values |= decoder_figures(self.autoencoder, batch, out, -nats.detach())
+        self._update(stage, side, values, codes)
         return loss
 
     @torch.no_grad()

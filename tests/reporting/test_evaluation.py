@@ -124,6 +124,19 @@ def test_an_evaluation_over_part_of_the_split_is_marked_partial(prior_run, tmp_p
     assert f"| 8 of {report['split_size']} (PARTIAL) |" in (tmp_path / "evaluation.md").read_text()
 
 
+def test_test_can_code_its_images_and_report_the_bits_written(prior_run, tmp_path):
+    ckpt = prior_run / "checkpoints" / "last.ckpt"
+    args = [*LAYERS, "--config", str(CONFIGS / "prior_cifar10.yaml"), *SAMPLE, f"--trainer.default_root_dir={tmp_path}"]
+    args += ["--model.init_args.prior.init_args.dim=32", "--model.init_args.prior.init_args.depth=2"]
+    main(["test", *args, f"--ckpt_path={ckpt}", "--evaluation_report.coded_images=6", "--trainer.logger=false"])
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    coded = report["coded"]
+    assert coded["images"] == 6 and coded["bytes"] * 8 == pytest.approx(coded["bpd_coded"] * 6 * 3 * 32 * 32)
+    assert abs(coded["stream_bits"] / (6 * 3 * 32 * 32) - coded["bpd_estimated"]) < 0.01 * coded["bpd_estimated"]
+    assert report["figures"]["C coded"] == coded["bpd_coded"]
+    assert "C coded (bits written)" in (tmp_path / "evaluation.md").read_text()
+
+
 def _experiment(name: str):
     """Import a script from experiments/ (a folder of scripts, not a package)."""
     path = REPO / "experiments" / f"{name}.py"

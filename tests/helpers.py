@@ -143,3 +143,22 @@ class KillAt(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wandb_records(run_dir: Path) -> list:
+    """The records of an offline W&B run (`run-*.wandb`: a LevelDB log of `wandb_internal_pb2.Record`s in 32 KiB
+    blocks, each chunk 7 header bytes: crc32, length, type FULL=1 FIRST=2 MIDDLE=3 LAST=4), what `wandb sync` uploads."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    (path,) = run_dir.glob("run-*.wandb")
+    data, pos, block, records, buf = path.read_bytes(), 7, 32768, [], b""  # 7: the file's ":W&B" header
+    while pos + 7 <= len(data):
+        if block - pos % block < 7 or data[pos : pos + 7] == bytes(7):  # block tail padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        buf = (buf if kind in (3, 4) else b"") + data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(Record.FromString(buf))
+    return records

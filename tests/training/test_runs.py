@@ -21,7 +21,7 @@ from lightning_dq.data import ImageDataModule
 from lightning_dq.reporting.wandb import RUN_ID_FILE, fill_identity
 from lightning_dq.training.modules import AutoEncoderModule
 from lightning_dq.training.schedules import WarmupCosine
-from tests.helpers import CONFIGS, debug_net
+from tests.helpers import CONFIGS, debug_net, wandb_records
 
 BASE = ["--config", str(CONFIGS / "base.yaml")]
 DEBUG = ["--config", str(CONFIGS / "debug.yaml")]
@@ -174,6 +174,29 @@ def test_fit_resume_and_test_share_one_wandb_run(tmp_path, monkeypatch):
     fit(root, *WANDB, "--trainer.max_epochs=1")
     wandb.finish()
     assert (root / RUN_ID_FILE).read_text().strip() != run_id
+
+
+@pytest.mark.xdist_group("sockets")
+def test_wandb_summary_keeps_each_bits_per_dim_minimum(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    fit(tmp_path, *WANDB, "--trainer.max_epochs=4", "--model.init_args.optimizer.init_args.lr=3e-2")
+    wandb.finish()
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    records = wandb_records(run)
+    (val,) = [r.metric for r in records if r.HasField("metric") and r.metric.glob_name == "val/bpd*"]
+    assert val.summary.min and not val.summary.max and val.step_metric == "trainer/global_step"
+    logged = [
+        json.loads(item.value_json)
+        for r in records
+        if r.HasField("history")
+        for item in r.history.item
+        if item.key == "val/bpd_decoder" or list(item.nested_key) == ["val/bpd_decoder"]
+    ]
+    values = [r["val/bpd_decoder"] for r in rows(tmp_path) if "val/bpd_decoder" in r]
+    assert len(values) == 4 and values[-1] != min(values)  # lr 3e-2: the last epoch is not the best
+    assert min(logged) == pytest.approx(min(values), rel=1e-6)  # the run table shows this, not the last value
 
 
 def test_wandb_mode_online_is_a_config_value(tmp_path, monkeypatch):

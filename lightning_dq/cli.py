@@ -34,12 +34,14 @@ from lightning_dq.reporting.summary import ModelSize
 from lightning_dq.reporting.wandb import fill_identity, prepare_wandb
 from lightning_dq.training.callbacks import CodebookReset, CodebookSyncCheck, NonFiniteGuard
 from lightning_dq.training.checkpoints import ResumeCheckpoint, RunCheckpoint, load_checkpoint_file, validate_ckpt_path
+from lightning_dq.training.ema import EMA
 from lightning_dq.training.precision import resolve_precision
 from lightning_dq.training.resolution import ResolutionSchedule
 
 GROUPS = {  # the project's callbacks as top-level config groups: they merge key by key across --config files
     "checkpoint": RunCheckpoint,
     "resume": ResumeCheckpoint,
+    "ema": EMA,
     "non_finite_guard": NonFiniteGuard,
     "codebook_reset": CodebookReset,
     "codebook_sync_check": CodebookSyncCheck,

@@ -146,8 +146,9 @@ class KillAt(Callback):
 
 
 def wandb_records(run_dir: Path) -> list:
-    """The records of an offline W&B run (`run-*.wandb`: a LevelDB log of `wandb_internal_pb2.Record`s in 32 KiB
-    blocks, each chunk 7 header bytes: crc32, length, type FULL=1 FIRST=2 MIDDLE=3 LAST=4), what `wandb sync` uploads."""
+    """The records of an offline W&B run, what `wandb sync` uploads (`run-*.wandb`: a LevelDB log of
+    `wandb_internal_pb2.Record`s in 32 KiB blocks, each chunk 7 header bytes: crc32, length, type FULL=1 FIRST=2
+    MIDDLE=3 LAST=4)."""
     from wandb.proto.wandb_internal_pb2 import Record
 
     (path,) = run_dir.glob("run-*.wandb")

@@ -13,8 +13,8 @@ from lightning_dq.reporting.wandb import wandb_loggers
 
 
 def is_epoch_bpd(key: str) -> bool:
-    """An epoch aggregate of bits/dim: every val key, and train keys ending in `_epoch` (not the per-step values)."""
-    return key.startswith("val/bpd") or (key.startswith("train/bpd") and key.endswith("_epoch"))
+    """An epoch aggregate of bits/dim: val keys (EMA and raw), train keys ending in `_epoch` (not per-step values)."""
+    return key.startswith(("val/bpd", "val_raw/bpd")) or (key.startswith("train/bpd") and key.endswith("_epoch"))
 
 
 def records(trainer: Trainer) -> list[RunRecord]:
@@ -27,7 +27,7 @@ class MetricCurves(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for logger in wandb_loggers(trainer) if trainer.is_global_zero else []:
-            for pattern in ("train/bpd*", "val/bpd*"):  # the run table shows the best value, per size
+            for pattern in ("train/bpd*", "val/bpd*", "val_raw/bpd*"):  # the run table shows the best value, per size
                 logger.experiment.define_metric(pattern, step_metric="trainer/global_step", summary="min")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -1,17 +1,17 @@
-"""Training-control callbacks: when codebooks restart dead codes, a check that DDP ranks hold identical codebooks,
-non-finite steps skipped on every rank together, and a learning-rate monitor that tolerates no logger."""
+"""Training-control callbacks: when codebooks restart dead codes, a check that DDP ranks hold identical codebooks
+and EMA weights, and non-finite steps skipped on every rank together."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor
 from torch import Tensor
 
 from lightning_dq.errors import ConfigError, TrainingDivergedError
 from lightning_dq.nn.codebook import Codebook
 from lightning_dq.nn.distributed import is_distributed
+from lightning_dq.training.ema import EMA
 
 
 class CodebookReset(Callback):
@@ -41,14 +41,11 @@ class CodebookReset(Callback):
                 module.restart_enabled = enabled
 
 
-def codebooks_out_of_sync(module: torch.nn.Module) -> dict[str, float]:
-    """The `Codebook`s whose state differs between DDP ranks -> the largest difference (a collective; empty when the
-    quantizer's synchronisation works)."""
-    if not is_distributed():
-        return {}
+def out_of_sync(states: dict[str, Tensor]) -> dict[str, float]:
+    """Name -> largest difference between DDP ranks, for each tensor that differs (a collective; {} in sync)."""
     out = {}
-    for name, cb in sorted((n, m) for n, m in module.named_modules() if isinstance(m, Codebook)):
-        state = torch.cat([cb.embed.flatten(), cb.cluster_size.flatten(), cb.embed_avg.flatten()]).double()
+    for name, state in sorted(states.items()) if is_distributed() else ():
+        state = state.detach().flatten().double()
         gathered = [torch.empty_like(state) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, state)
         diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
@@ -57,12 +54,24 @@ def codebooks_out_of_sync(module: torch.nn.Module) -> dict[str, float]:
     return out
 
 
+def replica_states(pl_module: LightningModule, trainer: Trainer | None = None) -> dict[str, Tensor]:
+    """What every DDP rank must hold alike beyond what DDP syncs: each `Codebook`'s state and the EMA weights."""
+    states = {
+        name: torch.cat([m.embed.flatten(), m.cluster_size.flatten(), m.embed_avg.flatten()])
+        for name, m in pl_module.named_modules()
+        if isinstance(m, Codebook)
+    }
+    for ema in [c for c in trainer.callbacks if isinstance(c, EMA) and c.shadow] if trainer else []:
+        states["ema"] = torch.cat([t.flatten() for t in ema.shadow.values()])
+    return states
+
+
 class CodebookSyncCheck(Callback):
-    """Under DDP, check at the end of every n-th training epoch that all ranks hold identical codebooks, and stop
-    with an error naming the codebook if not (e.g. a custom quantizer that skips the all-reduce).
+    """Under DDP, check at the end of every n-th training epoch that all ranks hold identical codebooks and EMA
+    weights, and stop with an error naming what differs if not (e.g. a custom quantizer that skips the all-reduce).
 
     Args:
-        every_n_epochs: how often to compare (0 disables); one all-gather of the codebooks.
+        every_n_epochs: how often to compare (0 disables); one all-gather per codebook.
     """
 
     def __init__(self, every_n_epochs: int = 1) -> None:
@@ -71,9 +80,9 @@ class CodebookSyncCheck(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.every_n_epochs < 1 or trainer.current_epoch % self.every_n_epochs:
             return
-        drift = codebooks_out_of_sync(pl_module)
+        drift = out_of_sync(replica_states(pl_module, trainer))
         if drift:
-            raise RuntimeError(f"codebooks differ across DDP ranks after epoch {trainer.current_epoch}: {drift}")
+            raise RuntimeError(f"DDP ranks differ after epoch {trainer.current_epoch}: {drift}")
 
 
 class NonFiniteGuard(Callback):
@@ -135,19 +144,3 @@ class NonFiniteGuard(Callback):
                 f"{self.max_consecutive}). Those steps changed no weight, so the checkpoints in {folder} are finite: "
                 f"lower the learning rate or check the data, then resume with --ckpt_path last"
             )
-
-
-class LearningRateLogger(LearningRateMonitor):
-    """`LearningRateMonitor` that stays silent when the run has no logger (e.g. `--trainer.logger=false`)."""
-
-    def on_train_start(self, trainer: Trainer, *args, **kwargs) -> None:
-        if trainer.loggers:
-            super().on_train_start(trainer, *args, **kwargs)
-
-    def on_train_batch_start(self, trainer: Trainer, *args, **kwargs) -> None:
-        if trainer.loggers:
-            super().on_train_batch_start(trainer, *args, **kwargs)
-
-    def on_train_epoch_start(self, trainer: Trainer, *args, **kwargs) -> None:
-        if trainer.loggers:
-            super().on_train_epoch_start(trainer, *args, **kwargs)

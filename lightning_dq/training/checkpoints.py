@@ -212,11 +212,6 @@ class ResumeCheckpoint(ModelCheckpoint):
         )
         self._pending: dict[str, Any] | None = None
 
-    @property
-    def state_key(self) -> str:
-        # the format of Lightning's `Callback._generate_state_key`, so checkpoints of earlier versions resume
-        return f"{type(self).__qualname__}{ {'every_n_train_steps': self.every_n_train_steps, 'resume': True}!r}"
-
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.dirpath is None:  # next to the run's other checkpoints, so `--ckpt_path last` sees all of them
             others = [

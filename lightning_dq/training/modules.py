@@ -22,9 +22,10 @@ from lightning_dq.nn.figures import bits_per_dim, likelihood_figures, reconstruc
 from lightning_dq.nn.heads import head_reconstruct, head_sample
 from lightning_dq.nn.prior import CodePrior, PriorFactory
 from lightning_dq.training.checkpoints import load_checkpoint_file
+from lightning_dq.training.ema import EMA
 from lightning_dq.training.metrics import StageMetrics
 
-STAGES = ("train", "val", "test")
+STAGES = ("train", "val", "val_raw", "test")  # val_raw: the raw weights, beside an EMA's `val`
 INJECTED = ["net", "prior", "optimizer", "lr_scheduler"]  # objects, not hyperparameters: see the module docstring
 
 
@@ -88,6 +89,13 @@ class CodeModelModule(LightningModule):
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         self._step(batch, "val")
+        for ema in self._emas():
+            if ema.swapped:  # the EMA weights gave `val`; the raw weights' figures go beside them
+                with ema.raw_weights(self):
+                    self._step(batch, "val_raw")
+
+    def _emas(self) -> list[EMA]:
+        return [c for c in self.trainer.callbacks if isinstance(c, EMA) and c.shadow]
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         self._step(batch, "test")
@@ -97,6 +105,7 @@ class CodeModelModule(LightningModule):
         self.stage_metrics(stage).update(values, codes)
         if stage == "train":  # step-level curves; epoch aggregates are logged at epoch end
             step = {f"train/{n}": v.mean() for n, v in values.items()} | {"train/resolution": float(side)}
+            step["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]  # the lr of this step's update
             self.log_dict(step, batch_size=len(codes[0]))
 
     def _log_epoch(self, stage: str) -> None:
@@ -129,6 +138,8 @@ class CodeModelModule(LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
+        if self._emas():  # a fit with an EMA (every rank alike)
+            self._log_epoch("val_raw")
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
@@ -273,7 +284,7 @@ class PriorModule(CodeModelModule):
         train = ["loss", "prior_bits_per_code", "bpd_prior_codes"]
         evaluate = train + ["bpd_decoder", "bpd_uniform", "bpd_prior", "mse"]
         specs = [(m, k) for _, _, m, k in net.code_shapes(net.geometry.factor)]
-        self._init_metrics(specs, {"train": train, "val": evaluate, "test": evaluate})
+        self._init_metrics(specs, {"train": train, "val": evaluate, "val_raw": evaluate, "test": evaluate})
 
     def setup(self, stage: str) -> None:
         # A checkpoint restored after this hook brings its own auto-encoder (on_load_checkpoint); a fit reads

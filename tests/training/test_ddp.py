@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_dq.nn.quantizer import DepthwiseQuantizer
-from lightning_dq.training.callbacks import codebooks_out_of_sync
+from lightning_dq.training.callbacks import out_of_sync, replica_states
 from tests.helpers import CONFIGS
 
 # tests that open sockets run in one xdist worker (`--dist loadgroup`): a port picked as free in one
@@ -27,10 +27,12 @@ def _sync_worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = torch.nn.ModuleDict({"a": DepthwiseQuantizer(4, 2, 8, 2), "b": DepthwiseQuantizer(4, 2, 8, 2)})
-    before = codebooks_out_of_sync(model)
-    if rank == 1:  # corrupt one codebook on one rank only
+    ema = {"ema": torch.arange(3.0)}  # as `replica_states` adds a fit's EMA weights
+    before = out_of_sync(replica_states(model) | ema)
+    if rank == 1:  # corrupt one codebook and one EMA weight on one rank only
         model["b"].codebook.embed[0, 0, 0] += 0.5
-    after = codebooks_out_of_sync(model)
+        ema["ema"][2] += 0.25
+    after = out_of_sync(replica_states(model) | ema)
     torch.save({"before": before, "after": after}, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -40,7 +42,7 @@ def test_sync_check_detects_a_drifted_codebook(tmp_path, free_port):
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["before"] == {}
-        assert result["after"] == {"b.codebook": pytest.approx(0.5)}
+        assert result["after"] == {"b.codebook": pytest.approx(0.5), "ema": 0.25}
 
 
 def _cli(*args: str, cwd: Path, port: int) -> subprocess.CompletedProcess:
@@ -64,10 +66,10 @@ def test_lightning_ddp_two_cpu_processes(tmp_path, free_port):
         "--data.init_args.synthetic_test=37",
         "--data.init_args.batch_size=8",
     ]
-    fit = _cli("fit", *layered, "--trainer.max_epochs=2", cwd=tmp_path, port=free_port())
+    fit = _cli("fit", *layered, "--trainer.max_epochs=2", "--ema.decay=0.9", cwd=tmp_path, port=free_port())
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "MEMBER: 2/2" in fit.stderr  # two processes really ran
-    # CodebookSyncCheck (on by default) compared the ranks' codebooks after every epoch without error
+    # CodebookSyncCheck (on by default) compared the ranks' codebooks and EMA weights after every epoch, no error
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     evaluate = ["test", *layered, f"--ckpt_path={ckpt}", "--trainer.limit_test_batches=1.0"]
     test = _cli(*evaluate, cwd=tmp_path, port=free_port())

@@ -1,6 +1,6 @@
 """Exact resume: a fit SIGKILLed mid-epoch (in a real subprocess, during the second epoch of a progressive
-32px -> 64px schedule) and restarted with `--ckpt_path last` ends with exactly the weights, EMA codebooks,
-optimizer state and epoch metrics of the same fit run without interruption."""
+32px -> 64px schedule) and restarted with `--ckpt_path last` ends with exactly the weights (raw and EMA), EMA
+codebooks, optimizer state and epoch metrics (EMA and raw validation) of the same fit run without interruption."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ ARGS = [
     "--resume.every_n_train_steps=1",
     "--resolution_schedule.milestones={0: 32, 1: 64}",
     "--checkpoint.monitor=val/loss_64px",
+    "--ema.decay=0.5",
 ]
 KILL_STEP = 6  # epoch 1 (steps 4-7) at 64px, after 2 of its 4 batches
 
@@ -40,7 +41,7 @@ def epoch_rows(root: Path) -> dict[str, float]:
         out = {}
         for row in csv.DictReader(f):
             for key, value in row.items():
-                if value and (key.endswith("_epoch") or key.startswith("val/")):
+                if value and (key.endswith("_epoch") or key.startswith(("val/", "val_raw/"))):
                     out[f"{key}@{row.get('epoch')}"] = float(value)
         return out
 
@@ -71,8 +72,11 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path):
     b = load_checkpoint_file(killed / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 8
     assert a["state_dict"].keys() == b["state_dict"].keys()
-    for name, value in a["state_dict"].items():  # weights and EMA codebook buffers
+    for name, value in a["state_dict"].items():  # EMA weights and EMA codebook buffers
         assert torch.equal(value, b["state_dict"][name]), f"{name} differs after resume"
+    assert a["ema"]["step"] == b["ema"]["step"] == 8 and a["ema"]["raw"].keys() == b["ema"]["raw"].keys()
+    for name, value in a["ema"]["raw"].items():  # the raw weights
+        assert torch.equal(value, b["ema"]["raw"][name]) and not torch.equal(value, a["state_dict"][name]), name
     opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     for index, state in opt_a.items():
         for key, value in state.items():

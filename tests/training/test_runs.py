@@ -297,6 +297,6 @@ def test_lr_schedule_is_logged_every_step(tmp_path):
         "--trainer.limit_train_batches=4",
     ]
     fit(tmp_path, *schedule)
-    logged = {int(r["step"]): r["lr-Adam"] for r in rows(tmp_path) if "lr-Adam" in r}
+    logged = {int(r["step"]): r["train/lr"] for r in rows(tmp_path) if "train/lr" in r}
     assert [logged[s] for s in range(4)] == pytest.approx([5e-5, 1e-4, 1.5e-4, 2e-4])
     assert logged[7] == pytest.approx(2e-4 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))

@@ -36,9 +36,9 @@ class DiskFullError(UserError, OSError):
     """A write that found no space left on its device (names the file and the free space)."""
 
 
-def disk_full(err: OSError, path: str | Path, what: str) -> OSError:
-    """`err` as a `DiskFullError` naming `path` (a `what`) and its folder's free space if the device is full (ENOSPC,
-    EDQUOT), else `err` itself: `raise disk_full(err, path, "checkpoint") from err`."""
+def disk_full(err: OSError, path: str | Path, what: str, then: str = "resume with --ckpt_path last") -> OSError:
+    """`err` as a `DiskFullError` naming `path` (a `what`), its folder's free space and what to do `then`, if the
+    device is full (ENOSPC, EDQUOT), else `err` itself: `raise disk_full(err, path, "checkpoint") from err`."""
     if err.errno not in (errno.ENOSPC, errno.EDQUOT):
         return err
     folder = Path(path).parent
@@ -46,8 +46,9 @@ def disk_full(err: OSError, path: str | Path, what: str) -> OSError:
         free = f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free"
     except OSError:
         free = "free space unknown"
-    return DiskFullError(
-        err.errno,
-        f"no space left on the device writing the {what} {path} ({free} in {folder}): free some "
-        f"space or write elsewhere, then resume with --ckpt_path last",
+    full = DiskFullError(
+        f"no space left on the device writing the {what} {path} ({free} in {folder}): free some space or write "
+        f"elsewhere, then {then}"
     )
+    full.errno = err.errno
+    return full

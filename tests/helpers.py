@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import signal
@@ -163,3 +164,82 @@ def wandb_records(run_dir: Path) -> list:
         if kind in (1, 4):
             records.append(Record.FromString(buf))
     return records
+
+
+class FullDisk:
+    """A device with `free` bytes left under `folder`: writes to files opened there fail with ENOSPC once it is used
+    up, as on a full disk, and `shutil.disk_usage` reports what is left (`report` overrides it, e.g. to pass a
+    free-space check that another process then beats). Installed with `monkeypatch`."""
+
+    def __init__(self, monkeypatch, folder: Path, free: int, report: int | None = None) -> None:
+        import builtins
+        import io
+        import shutil
+
+        self.folder, self.free, self.report = Path(folder).resolve(), free, report
+        real_open, real_usage = io.open, shutil.disk_usage
+
+        def limited_open(file, mode="r", *args, **kwargs):
+            f = real_open(file, mode, *args, **kwargs)
+            writing = isinstance(file, str | os.PathLike) and any(c in mode for c in "wax+")
+            return _Limited(f, self) if writing and Path(file).resolve().is_relative_to(self.folder) else f
+
+        def usage(path):
+            total, used, free = real_usage(path)
+            if not Path(path).resolve().is_relative_to(self.folder):
+                return type(real_usage(path))(total, used, free)
+            return type(real_usage(path))(total, used, self.free if self.report is None else self.report)
+
+        monkeypatch.setattr(builtins, "open", limited_open)
+        monkeypatch.setattr(io, "open", limited_open)
+        monkeypatch.setattr(shutil, "disk_usage", usage)
+
+
+class _Limited:
+    """A file whose writes draw on a `FullDisk`'s free bytes."""
+
+    def __init__(self, f, disk: FullDisk) -> None:
+        self._f, self._disk = f, disk
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes if not isinstance(data, str) else len(data.encode())
+        if size > self._disk.free:
+            self._disk.free = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._disk.free -= size
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __iter__(self):
+        return iter(self._f)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+
+class FillDiskAt(Callback):
+    """Fault injection: at the start of training epoch `epoch`, the device of `<run dir>/<folder>` has no space left
+    (`FullDisk`); the test undoes it with `FillDiskAt.patch.undo()`.
+
+    Args:
+        epoch: the training epoch whose writes fail.
+        folder: the part of the run directory that is full ("" = all of it).
+    """
+
+    patch = None
+
+    def __init__(self, epoch: int, folder: str = "") -> None:
+        self.epoch = epoch
+        self.folder = folder
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            import pytest
+
+            FillDiskAt.patch = pytest.MonkeyPatch()
+            FullDisk(FillDiskAt.patch, Path(trainer.default_root_dir) / self.folder, free=0)

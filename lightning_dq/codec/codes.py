@@ -8,6 +8,7 @@ flat, in sequence order: `CodeGeometry.flatten`) and `<split>.json`: the auto-en
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_dq.codec.container import network_hash, write_atomic
-from lightning_dq.errors import CheckpointError, DataError, DataNotFoundError
+from lightning_dq.errors import CheckpointError, DataError, DataNotFoundError, disk_full
 from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder
 
 
@@ -47,6 +48,7 @@ def write_split(
             codes = np.lib.format.open_memmap(
                 tmp, mode="w+", dtype=code_dtype(net.geometry.codebook_sizes), shape=shape
             )
+            reserve(tmp, folder / f"{split}.npy")
         codes[done : done + len(flat)] = flat
         done += len(flat)
     if codes is None or done != count:
@@ -58,6 +60,18 @@ def write_split(
     record["code_shapes"] = net.code_shapes(side)
     write_atomic(folder / f"{split}.json", json.dumps(record, indent=1).encode(), "code record")
     return record
+
+
+def reserve(path: Path, final: Path) -> None:
+    """Allocate the blocks of a sparse file `path` now: a full disk is then an error naming `final`, not a crash
+    (SIGBUS) when a page of the memory map is written."""
+    try:
+        with open(path, "r+b") as f:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError as err:
+        path.unlink(missing_ok=True)
+        raise disk_full(err, final, "code file", "run the command again") from err
 
 
 def read_record(folder: str | Path, split: str) -> dict:

@@ -129,13 +129,17 @@ def encode_command(argv: list[str]) -> None:
     about["global_step"] = checkpoint.get("global_step")
     out, tmp = Path(args.out), Path(args.out).with_name(f".{Path(args.out).name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for split, stage in (("train", "fit"), ("val", "fit"), ("test", "test")):
-        datamodule.setup(stage)
-        dataset = getattr(datamodule, f"{split}_dataloader")().dataset  # in its own order, not shuffled
-        about["dataset"] = datamodule.data_description
-        loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=datamodule.num_workers)
-        record = write_split(tmp, split, net, loader, len(dataset), about)
-        print(f"{split}: {record['images']} images, codes {record['code_shapes']}", flush=True)
+    try:
+        for split, stage in (("train", "fit"), ("val", "fit"), ("test", "test")):
+            datamodule.setup(stage)
+            dataset = getattr(datamodule, f"{split}_dataloader")().dataset  # in its own order, not shuffled
+            about["dataset"] = datamodule.data_description
+            loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=datamodule.num_workers)
+            record = write_split(tmp, split, net, loader, len(dataset), about)
+            print(f"{split}: {record['images']} images, codes {record['code_shapes']}", flush=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no partial code folder stays behind
+        raise
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
     print(f"codes written to {out}: train a prior on them with --data.init_args.codes={out}", flush=True)

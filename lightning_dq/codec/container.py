@@ -100,4 +100,4 @@ def write_atomic(path: str | Path, data: bytes, what: str) -> None:
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise disk_full(err, path, what) from err
+        raise disk_full(err, path, what, "run the command again") from err

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lightning_dq.data.arrays import check_image_array, npy_header
-from lightning_dq.errors import DataError, DataNotFoundError
+from lightning_dq.errors import DataError, DataNotFoundError, disk_full
 
 IMAGENET_URL = "https://image-net.org/download-images.php"
 IMAGENET_FILES = {"train": [f"train_data_batch_{i}.npz" for i in range(1, 11)], "test": ["val_data.npz"]}
@@ -158,6 +158,8 @@ def convert_npz(files: list[Path], size: int, cache: Path, root: Path) -> None:
         tmp.with_suffix(".json").write_text(json.dumps(record))
         os.replace(tmp.with_suffix(".json"), cache.with_suffix(".json"))
     except OSError as err:
+        if (full := disk_full(err, cache, f"ImageNet-{size} cache", "run it again")) is not err:
+            raise full from err
         why = f"{type(err).__name__}: {err}"
         raise DataError(f"cannot write the ImageNet-{size} cache {cache} ({why}): {where}") from err
     finally:

@@ -41,16 +41,21 @@ class RunRecord(Logger):
             return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
     def _write(self, rows: list[dict[str, float]], keys: list[str], mode: str) -> None:
+        """Append rows (mode "a"), or rewrite the file via a temporary one (mode "w": a full disk keeps the old)."""
+        target = self.path if mode == "a" else self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open(mode, newline="") as f:
+            with target.open(mode, newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=keys)
                 if mode == "w":
                     writer.writeheader()
                 writer.writerows(rows)
                 f.flush()
                 os.fsync(f.fileno())
+            os.replace(target, self.path)  # a no-op rename when appending
         except OSError as err:
+            if target != self.path:
+                target.unlink(missing_ok=True)
             raise disk_full(err, self.path, "metric record") from err
         self._keys = keys
 

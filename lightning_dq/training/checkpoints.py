@@ -4,6 +4,7 @@ needs beyond Lightning's state (RNG states, partial epoch aggregates; the data o
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
@@ -29,10 +30,12 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """`torch.save(obj)` to `path` via a temporary file in the same folder, fsync and `os.replace`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    buffer = io.BytesIO()  # serialised first: a full disk is then an OSError at write (torch's writer would raise
+    torch.save(obj, buffer)  # a RuntimeError "unexpected pos" that names nothing)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never a mix

@@ -1,11 +1,11 @@
-"""Profile one auto-encoder training step (forward + backward + Adam) with torch.profiler: top operators by
-self CPU time, for one variant of `benchmarks/train_step.py`.
+"""Profile auto-encoder training steps with torch.profiler: top operators by self CPU time, for one variant of
+`benchmarks/train_step.py` (`fit`: the real `lightning-dq fit` step of the preset, Lightning and metrics included).
 
-    .venv/bin/python benchmarks/profile_step.py                          # README preset, fp32 channels_last
-    .venv/bin/python benchmarks/profile_step.py --variant bf16 --batch 2
-    .venv/bin/python benchmarks/profile_step.py --net demo --top 25
+    .venv/bin/python benchmarks/profile_step.py --preset demo --variant fit          # what a demo run spends
+    .venv/bin/python benchmarks/profile_step.py --preset experiments --variant fit --steps 5
+    .venv/bin/python benchmarks/profile_step.py --variant default --batch 2          # README preset, module only
 
-Prints a markdown table: operator, self time share, self ms, calls. One warm-up step is not profiled.
+Prints a markdown table: operator, self time share, self ms, calls. Warm-up steps are not profiled.
 
 `--kernels` instead times, interleaved, the two things the profile points at: one 3x3 convolution
 (256 -> 256 channels on (4, 256, 16, 16), the README preset's commonest) in fp32 and bf16, NCHW and
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import NETS, VARIANTS, Runner, run_with_docs  # noqa: E402
+from lightning.pytorch import Callback  # noqa: E402
+from train_step import NETS, VARIANTS, Reference, Runner, fit_times, preset_config, run_with_docs  # noqa: E402
 
 from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder  # noqa: E402
 
@@ -84,6 +85,22 @@ def adam_table(repeats: int) -> None:
     print(f"\nlargest |fused - for-loop| parameter difference after {repeats + 1} identical steps: {gap:.1e}")
 
 
+class Profiled(Callback):
+    """Runs `prof` over `steps` training steps of a fit, after its 3 warm-up steps."""
+
+    def __init__(self, prof: profile, steps: int) -> None:
+        self.prof = prof
+        self.steps = steps
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == 3:
+            self.prof.start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step == 3 + self.steps:
+            self.prof.stop()
+
+
 def top_ops(prof: profile, top: int) -> list[tuple[str, float, int]]:
     """(name, self CPU ms, calls) of the `top` operators by self CPU time."""
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
@@ -92,9 +109,10 @@ def top_ops(prof: profile, top: int) -> list[tuple[str, float, int]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--net", choices=sorted(NETS), default="readme")
+    parser.add_argument("--preset", choices=sorted(NETS), default="readme")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="fp32-cl")
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=None, help="default: the preset's (readme: 16)")
+    parser.add_argument("--steps", type=int, default=3, help="steps profiled")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--kernels", action="store_true", help="time conv dtypes/layouts and Adam variants instead")
@@ -112,15 +130,30 @@ def run(args: argparse.Namespace) -> None:
         )
         conv_table(args.repeats)
         return adam_table(args.repeats)
-    runner = Runner(NETS[args.net], args.variant, args.batch, args.resolution, torch.device("cpu"))
-    runner.step()  # warm-up: codebook init, allocator, oneDNN primitive caches
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        runner.step()
+    batch = args.batch or preset_config(args.preset)["batch"]
+    if args.variant == "fit":  # the real `lightning-dq fit` step: Lightning's loop, metrics, logging, data
+        prof = profile(activities=[ProfilerActivity.CPU])
+        fit_times(
+            args.preset,
+            args.resolution,
+            batch,
+            args.steps,
+            torch.device("cpu"),
+            Reference(torch.device("cpu"), ()),
+            [Profiled(prof, args.steps)],
+        )
+    else:
+        runner = Runner(args.preset, args.variant, batch, args.resolution, torch.device("cpu"))
+        runner.step()  # warm-up: codebook init, allocator, oneDNN primitive caches
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.steps):
+                runner.step()
     rows = top_ops(prof, args.top)
     total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3
     print(
-        f"profile: net {args.net}, variant {args.variant}, batch {args.batch}, {args.resolution}x{args.resolution}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; total self CPU {total:.0f} ms\n"
+        f"profile: preset {args.preset}, variant {args.variant}, batch {batch}, {args.steps} steps, "
+        f"{args.resolution}x{args.resolution}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"total self CPU {total:.0f} ms\n"
     )
     print("| operator | self time | self ms | calls |")
     print("| --- | ---: | ---: | ---: |")

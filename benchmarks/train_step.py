@@ -1,28 +1,28 @@
-"""Auto-encoder training-step throughput: forward + backward + gradient clipping + Adam step, side by side.
+"""Auto-encoder training-step throughput per preset: forward + backward + gradient clipping + Adam step, side by side.
 
-Variants (each its own copy of the same initial weights, its own Adam), interleaved in one process
+Presets: `readme` (configs/base.yaml + cifar10.yaml, the paper's net, batch 16 on a CPU instead of 128), `demo`
+(configs/demo.yaml) and `experiments` (configs/experiments.yaml, the net of experiments/), each with its own
+optimizer settings. Variants (each its own copy of the same initial weights), interleaved in one process
 (a b c ... a b c ...), median of the repeats after one warm-up step each:
 
-- `fp32`: fp32 eager, contiguous (NCHW) tensors: the reference;
-- `fp32-cl`: fp32 eager, channels_last;
+- `fp32`: fp32 eager, contiguous (NCHW) tensors, the paper's plain Adam(lr=2e-4): the reference;
+- `fp32-cl`: the same with channels_last;
 - `bf16-cl`: bf16 autocast forced on + channels_last (the quantizer and the likelihood stay fp32);
-- `default`: what `AutoEncoderModule` runs under the shipped config (the precision policy, `channels_last: true`):
-  bf16 autocast where bf16 is fast on the device, fp32 elsewhere (`lightning_dq.training.precision`);
-  Its Adam takes configs/base.yaml's arguments (the other variants: the paper's Adam(lr=2e-4));
-- `compile`: `default` with `AutoEncoderModule(compile=True)` (compile time excluded, reported apart).
+- `default`: the preset's module and optimizer as its config builds them, under the precision policy (bf16 autocast
+  only where bf16 is native, `lightning_dq.training.precision`);
+- `compile`: `default` with `AutoEncoderModule(compile=True)` (compile time excluded, reported apart);
+- `fit`: the real `lightning-dq fit` of the preset (Lightning's loop, the module's metrics and logging, the data
+  loader; no validation), timed between consecutive batches; run after the interleaved variants.
 
-Reported per variant: images/s, ms/image, peak memory of a step (CUDA: allocator peak; CPU: growth of the
-resident set during the step), the ratio to fp32, the model's FLOPs per image (forward + backward, counted
-by torch.utils.flop_counter.FlopCounterMode) and the achieved FLOP/s as a fraction of a large matrix
-multiply timed in the same run, in bf16 and in fp32. Then the data loader's images/s at the same batch
-size, and optionally (`--parity-steps`) a short training run per precision from the same seed.
+Reported per variant: images/s, ms/image, peak memory of a step, the ratio to fp32, FLOPs per image (forward +
+backward, torch.utils.flop_counter) and the achieved FLOP/s as a fraction of the reference matrix multiply: the best
+of a 1024 and a 2048 square multiply in the machine's fastest native dtype (bf16 where native, else fp32), timed in
+the same process between the steps (medians of interleaved repeats). For each preset and resolution one line
+`matmul-fraction PRESET RESOLUTION X.XX` gives that fraction for `fit` (else `default`): what a user's run achieves.
+Run it on an otherwise idle machine: absolute times move with the load, the ratios of interleaved runs less so.
 
-The machine this was written on is shared: absolute times move with its load; the ratios of interleaved
-runs are the result. The last line is `speed-up: X.XXx` (default / fp32 at 32x32).
-
-    .venv/bin/python benchmarks/train_step.py                              # ~4 min on 2 busy cores
-    .venv/bin/python benchmarks/train_step.py --batch 2 --repeats 2 --resolution 32
-    .venv/bin/python benchmarks/train_step.py --variants fp32 bf16-cl --resolution 32 --repeats 1
+    .venv/bin/python benchmarks/train_step.py --preset readme demo experiments --variants default fit
+    .venv/bin/python benchmarks/train_step.py --preset demo --variants fp32 fp32-cl default --parity-steps 10
     .venv/bin/python benchmarks/train_step.py --device cuda --batch 128 --variants fp32 default compile
 """
 
@@ -35,6 +35,7 @@ import io
 import math
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -42,32 +43,47 @@ from pathlib import Path
 
 import torch
 import yaml
+from lightning.pytorch import Callback
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_dq.data import ImageDataModule
-from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder, count_parameters
+from lightning_dq.nn.autoencoder import HierarchicalAutoEncoder
 from lightning_dq.nn.figures import bits_per_dim
 from lightning_dq.training.modules import AutoEncoderModule
 from lightning_dq.training.precision import fast_bf16
 
-NETS = {  # README preset = configs/base.yaml's model; demo = configs/demo.yaml's net
-    "readme": dict(channels=256, res_blocks=3, res_channels=256, coder_blocks=2, code_dim=64, num_codebooks=5),
-    "demo": dict(channels=64, res_blocks=2, res_channels=32, coder_blocks=2, code_dim=16, num_codebooks=5),
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PRESETS = {  # name -> (config files layered on configs/base.yaml, batch size on this benchmark: None = the config's)
+    "readme": (["cifar10.yaml"], 16),
+    "demo": (["demo.yaml"], None),
+    "experiments": (["experiments.yaml"], None),
 }
-VARIANTS = ("fp32", "fp32-cl", "bf16-cl", "default", "compile")
-BETA, CLIP, LR = 0.25, 2.0, 2e-4  # configs/base.yaml: beta, gradient_clip_val; default optimizer: Adam lr 2e-4
+VARIANTS = ("fp32", "fp32-cl", "bf16-cl", "default", "compile", "fit")
+BETA, CLIP, LR = 0.25, 2.0, 2e-4  # configs/base.yaml: beta, gradient_clip_val; the reference: Adam lr 2e-4
 DATA_ROOT: Path | None = None  # --data-root: a folder holding cifar-10-batches-py (else synthetic images)
-BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
 
 
-def shipped_adam() -> dict:
-    """The Adam arguments of configs/base.yaml (lr, and e.g. fused), used by the `default` and `compile` variants;
-    the fp32 reference keeps the paper's plain Adam(lr=2e-4)."""
-    optimizer = yaml.safe_load(BASE_CONFIG.read_text())["model"]["init_args"].get("optimizer") or {}
-    if optimizer.get("class_path", "torch.optim.Adam") != "torch.optim.Adam":
-        raise SystemExit(f"{BASE_CONFIG}: this benchmark times Adam, the config uses {optimizer['class_path']}")
-    return optimizer.get("init_args") or {"lr": LR}
+def preset_config(name: str) -> dict:
+    """The preset's settings, merged over configs/base.yaml as `--config` layers merge them: the net's arguments,
+    the optimizer's arguments, the module's `channels_last`/`compile`, and the batch size of this benchmark."""
+    layers, batch = PRESETS[name]
+    merged: dict = {"net": {}, "optimizer": {}, "module": {}, "batch": batch}
+    for layer in ["base.yaml", *layers]:
+        config = yaml.safe_load((CONFIGS / layer).read_text())
+        init = (config.get("model") or {}).get("init_args") or {}
+        merged["net"] |= ((init.get("net") or {}).get("init_args")) or {}
+        optimizer = init.get("optimizer") or {}
+        if optimizer.get("class_path", "torch.optim.Adam") != "torch.optim.Adam":
+            raise SystemExit(f"{layer}: this benchmark times Adam, the config uses {optimizer['class_path']}")
+        merged["optimizer"] |= optimizer.get("init_args") or {}
+        merged["module"] |= {k: v for k, v in init.items() if k in ("channels_last", "compile")}
+        data = ((config.get("data") or {}).get("init_args")) or {}
+        merged["batch"] = merged["batch"] or data.get("batch_size")
+    return merged
+
+
+NETS = {name: preset_config(name)["net"] for name in PRESETS}  # the presets' nets, for the other benchmarks
 
 
 class Tee(io.StringIO):
@@ -151,9 +167,9 @@ class PeakMemory:
 
 @dataclass
 class Runner:
-    """One variant: its module (same initial weights for every variant), optimizer and fixed batch."""
+    """One variant of a preset: its module (same initial weights for every variant), optimizer and fixed batch."""
 
-    net_kwargs: dict
+    preset: str
     variant: str
     batch: int
     resolution: int
@@ -164,19 +180,18 @@ class Runner:
     peaks: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        config = preset_config(self.preset)
+        shipped = self.variant in ("default", "compile")  # the preset's module and optimizer, as configured
         torch.manual_seed(self.seed)  # identical weights and batch for every variant
-        net = HierarchicalAutoEncoder(**self.net_kwargs)
-        module = AutoEncoderModule(net, channels_last=self.variant != "fp32", compile=self.variant == "compile")
-        self.module = module.to(self.device).train()
-        adam = shipped_adam() if self.variant in ("default", "compile") else {"lr": LR}
-        self.optimizer = torch.optim.Adam(self.module.parameters(), **adam)
-        self.x = torch.randint(
-            0, 256, (self.batch, 3, self.resolution, self.resolution), dtype=torch.uint8, device=self.device
-        )
-        # "default" is what the precision policy picks for the device (bf16-mixed only where bf16 is fast)
-        self.autocast = self.variant == "bf16-cl" or (
-            self.variant in ("default", "compile") and fast_bf16(self.device.type)
-        )
+        net = HierarchicalAutoEncoder(**config["net"])
+        channels_last = config["module"].get("channels_last", True) if shipped else self.variant != "fp32"
+        compiled = self.variant == "compile" or (shipped and config["module"].get("compile", False))
+        self.module = AutoEncoderModule(net, channels_last=channels_last, compile=compiled).to(self.device).train()
+        self.optimizer = torch.optim.Adam(self.module.parameters(), **(config["optimizer"] if shipped else {"lr": LR}))
+        shape = (self.batch, 3, self.resolution, self.resolution)
+        self.x = torch.randint(0, 256, shape, dtype=torch.uint8, device=self.device)
+        # "default" is what the precision policy picks for the device (bf16-mixed only where bf16 is native)
+        self.autocast = self.variant == "bf16-cl" or (shipped and fast_bf16(self.device.type))
 
     def loss(self, x: Tensor) -> Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -219,18 +234,92 @@ def flops_per_image(net_kwargs: dict, resolution: int, device: torch.device) -> 
     return counter.get_total_flops() / 2
 
 
-def matmul_flops(dtype: torch.dtype, size: int, device: torch.device) -> float:
-    """FLOP/s of one (size x size) @ (size x size) multiply (the best of 3 after a warm-up)."""
-    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
-    a @ b
-    best = float("inf")
-    for _ in range(3):
-        sync(device)
-        start = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+class Reference:
+    """The reference rate: square matrix multiplies of each size in `sizes`, in the fastest native dtype of the
+    device, timed whenever `time()` is called (between the steps being measured); `flops` is the best size's median."""
+
+    def __init__(self, device: torch.device, sizes: tuple[int, ...] = (1024, 2048)) -> None:
+        self.device = device
+        self.dtype = torch.bfloat16 if fast_bf16(device.type) else torch.float32
+        self.operands = {n: [torch.randn(n, n, device=device).to(self.dtype) for _ in range(2)] for n in sizes}
+        self.rates: dict[int, list[float]] = {n: [] for n in sizes}
+        for a, b in self.operands.values():
+            a @ b  # warm-up
+
+    def time(self) -> float:
+        """Time one multiply of each size; returns the seconds this took (to leave out of a measured interval)."""
+        begin = time.perf_counter()
+        for n, (a, b) in self.operands.items():
+            sync(self.device)
+            start = time.perf_counter()
+            a @ b
+            sync(self.device)
+            self.rates[n].append(2 * n**3 / (time.perf_counter() - start))
+        return time.perf_counter() - begin
+
+    @property
+    def flops(self) -> float:
+        return max(statistics.median(v) for v in self.rates.values() if v)
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{n}^2 {statistics.median(v) / 1e9:.1f}" for n, v in self.rates.items() if v)
+        return f"{str(self.dtype).removeprefix('torch.')} matmul GFLOP/s (median of {len(self.rates[1024])}): {sizes}"
+
+
+class FitTimer(Callback):
+    """Seconds between the starts of consecutive training batches of a real fit, after `warmup` batches; the
+    reference multiplies run after each batch and are left out of the interval."""
+
+    def __init__(self, warmup: int, reference: Reference) -> None:
+        self.warmup = warmup
+        self.reference = reference
+        self.times: list[float] = []
+        self._start: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._start is not None and trainer.global_step > self.warmup:
+            self.times.append(now - self._start)
+        self._start = now
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step > self.warmup:
+            self._start += self.reference.time()
+
+
+def fit_times(
+    preset: str, resolution: int, batch: int, steps: int, device: torch.device, reference: Reference, callbacks=()
+) -> list[float]:
+    """Step times of `lightning-dq fit` with the preset's config (no validation, no logger), `steps` timed after 2;
+    `callbacks` join the run (e.g. a profiler)."""
+    from lightning_dq.cli import build_cli  # here: the other variants do not need the CLI
+
+    warmup = 2
+    layers = [arg for name in ["base.yaml", *PRESETS[preset][0]] for arg in ("--config", str(CONFIGS / name))]
+    if DATA_ROOT is not None:
+        data = ["--data.init_args.dataset=cifar10", f"--data.init_args.root={DATA_ROOT}"]
+    else:
+        count = batch * (steps + warmup + 2) * 2
+        data = ["--data.init_args.dataset=synthetic", f"--data.init_args.synthetic_train={count}"]
+        data += [f"--data.init_args.native_resolution={resolution}", "--data.init_args.val_size=0.1"]
+    with tempfile.TemporaryDirectory() as root:
+        args = [*layers, *data, f"--trainer.default_root_dir={root}", "--trainer.logger=false"]
+        args += [
+            f"--trainer.accelerator={device.type}",
+            "--trainer.devices=1",
+            f"--trainer.max_steps={steps + warmup + 1}",
+        ]
+        args += ["--trainer.max_epochs=-1", "--trainer.limit_train_batches=1.0", "--trainer.limit_val_batches=0"]
+        args += ["--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false"]
+        args += ["--trainer.enable_model_summary=false", "--trainer.val_check_interval=null"]
+        args += [f"--data.init_args.batch_size={batch}", f"--data.init_args.resolution={resolution}"]
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cli = build_cli(args, run=False)
+            timer = FitTimer(warmup, reference)
+            cli.trainer.callbacks.extend([timer, *callbacks])
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return timer.times
 
 
 def data_module(batch: int, resolution: int, synthetic: int, stage: str = "fit") -> ImageDataModule:
@@ -258,36 +347,27 @@ def loader_images_per_s(batch: int, resolution: int, batches: int) -> tuple[floa
     return seen / (time.perf_counter() - start), dm.data_description
 
 
-def measure(args: argparse.Namespace, resolution: int, device: torch.device) -> list[dict]:
-    """Interleaved timing of every variant at one resolution; one row (dict) per variant."""
-    runners = [Runner(NETS[args.net], v, args.batch, resolution, device) for v in args.variants]
+def measure(args: argparse.Namespace, preset: str, resolution: int, device: torch.device) -> list[dict]:
+    """Interleaved timing of every variant of a preset at one resolution, then `fit`; one row (dict) per variant."""
+    batch = args.batch or preset_config(preset)["batch"]
+    reference = Reference(device)
+    runners = [Runner(preset, v, batch, resolution, device) for v in args.variants if v != "fit"]
     for runner in runners:
         runner.warm_up()
-    matmul: dict[str, list[float]] = {"bf16": [], "fp32": []}
     for _ in range(args.repeats):  # a b c ... a b c ...: machine noise hits every variant alike
         for runner in runners:
             runner.timed_step()
-        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-            matmul[name].append(matmul_flops(dtype, args.matmul_size, device))
-    flops = flops_per_image(NETS[args.net], resolution, device)
-    mm = {k: statistics.median(v) for k, v in matmul.items()}
+        reference.time()
+    timed = {r.variant: (r.times, r.peaks, r.compile_s) for r in runners}
+    if "fit" in args.variants:
+        timed["fit"] = (fit_times(preset, resolution, batch, args.fit_steps, device, reference), [math.nan], 0.0)
+    flops = flops_per_image(preset_config(preset)["net"], resolution, device)
     rows = []
-    for r in runners:
-        ips = args.batch / statistics.median(r.times)
-        rows.append(
-            dict(
-                variant=r.variant,
-                resolution=resolution,
-                images_s=ips,
-                peak_mb=statistics.median(r.peaks),
-                flops=flops,
-                achieved=flops * ips,
-                mm_bf16=mm["bf16"],
-                mm_fp32=mm["fp32"],
-                compile_s=r.compile_s,
-                spread=(min(r.times), max(r.times)),
-            )
-        )
+    for variant, (times, peaks, compile_s) in timed.items():
+        ips = batch / statistics.median(times)
+        row = dict(variant=variant, preset=preset, batch=batch, resolution=resolution, images_s=ips, flops=flops)
+        row |= dict(peak_mb=statistics.median(peaks), achieved=flops * ips, reference=reference, compile_s=compile_s)
+        rows.append(row)
     base = next((row["images_s"] for row in rows if row["variant"] == "fp32"), None)
     for row in rows:
         row["ratio"] = row["images_s"] / base if base else float("nan")
@@ -295,44 +375,41 @@ def measure(args: argparse.Namespace, resolution: int, device: torch.device) -> 
 
 
 def parity(args: argparse.Namespace, device: torch.device) -> list[str]:
-    """Train the demo net `--parity-steps` steps per variant from the same seed on the same batches; the
+    """Train the demo preset `--parity-steps` steps per variant from the same seed on the same batches; the
     bits/dim of each on a fixed held-out batch, evaluated in fp32."""
     b, r = args.parity_batch, args.parity_resolution
     loader = iter(data_module(b, r, b * (args.parity_steps + 1)).train_dataloader())
     data = [next(loader).to(device) for _ in range(args.parity_steps + 1)]  # (b, 3, r, r) uint8 each
     lines = []
     for variant in args.parity_variants:
-        runner = Runner(NETS["demo"], variant, b, r, device, seed=0)
+        runner = Runner("demo", variant, b, r, device, seed=0)
+        losses = []
         for batch in data[:-1]:
             runner.x = batch
+            with torch.no_grad():
+                losses.append(runner.loss(batch).item())
             runner.step()
         runner.module.eval()
         with torch.no_grad():
             bpd = bits_per_dim(runner.module.net(data[-1]).recon.mean().item())
-        lines.append(f"| {variant} | {args.parity_steps} | {bpd:.4f} |")
+        lines.append(f"| {variant} | {args.parity_steps} | {losses[-1]:.4f} | {bpd:.4f} |")
     return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--net", choices=sorted(NETS), default="readme")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
-    parser.add_argument("--resolution", type=int, nargs="+", default=[32, 64])
-    parser.add_argument(
-        "--variants",
-        nargs="+",
-        choices=VARIANTS,
-        default=None,
-        help="default: fp32 fp32-cl default (+ bf16-cl where bf16 is native)",
-    )
+    parser.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=["readme"])
+    parser.add_argument("--batch", type=int, default=None, help="default: the preset's (readme: 16)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats; medians are reported")
+    parser.add_argument("--resolution", type=int, nargs="+", default=[32])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["fp32", "fp32-cl", "default", "fit"])
+    parser.add_argument("--fit-steps", type=int, default=10, help="timed steps of the `fit` variant")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--matmul-size", type=int, default=None, help="side of the reference matmul")
-    parser.add_argument("--loader-batches", type=int, default=20)
+    parser.add_argument("--loader-batches", type=int, default=0, help="> 0: time the train loader alone too")
     parser.add_argument("--parity-steps", type=int, default=0, help="> 0: a short training parity run (demo net)")
     parser.add_argument("--parity-batch", type=int, default=8)
     parser.add_argument("--parity-resolution", type=int, default=16)
-    parser.add_argument("--parity-variants", nargs="+", choices=VARIANTS, default=["fp32", "default", "bf16-cl"])
+    parser.add_argument("--parity-variants", nargs="+", choices=VARIANTS[:5], default=["fp32", "default"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--data-root", default=None, help="folder holding cifar-10-batches-py (default: synthetic)")
     parser.add_argument("--docs", help="markdown file whose train_step section gets this run's output")
@@ -347,56 +424,46 @@ def run(args: argparse.Namespace) -> None:
     exact_rss()
     if args.threads:
         torch.set_num_threads(args.threads)
-    native = fast_bf16(device.type)
-    if args.variants is None:
-        args.variants = ["fp32", "fp32-cl", "default"] + (["bf16-cl"] if native else [])
-    if args.matmul_size is None:  # emulated bf16 runs at ~1/20 of fp32: keep its reference multiply short
-        args.matmul_size = 8192 if device.type == "cuda" else (2048 if native else 512)
-    params = count_parameters(HierarchicalAutoEncoder(**NETS[args.net]))
     print(
-        f"net {args.net} ({params:,} parameters), device {device}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, bf16 fast: {native}, batch {args.batch}, "
-        f"median of {args.repeats} interleaved repeats after a warm-up step; matmul {args.matmul_size}^2\n"
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, bf16 native: {fast_bf16(device.type)}; median of "
+        f"{args.repeats} interleaved repeats after a warm-up step (fit: {args.fit_steps} steps after 2)\n"
     )
     print(
-        "| resolution | variant | images/s | ms/image | vs fp32 | peak MB | GFLOP/image | achieved GFLOP/s "
-        "| of bf16 matmul | of fp32 matmul | compile s |"
+        "| preset | resolution | batch | variant | images/s | ms/image | vs fp32 | peak MB | GFLOP/image "
+        "| achieved GFLOP/s | of matmul | compile s |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    speedup = None
-    for resolution in args.resolution:
-        rows = measure(args, resolution, device)
-        for r in rows:
-            ratio = f"{r['ratio']:.2f}x" if math.isfinite(r["ratio"]) else "n/a"
-            print(
-                f"| {resolution}x{resolution} | {r['variant']} | {r['images_s']:.2f} | {1e3 / r['images_s']:.0f} "
-                f"| {ratio} | {r['peak_mb']:.0f} | {r['flops'] / 1e9:.1f} | {r['achieved'] / 1e9:.1f} "
-                f"| {r['achieved'] / r['mm_bf16']:.0%} | {r['achieved'] / r['mm_fp32']:.0%} "
-                f"| {r['compile_s']:.0f} |"
-            )
-            if resolution == 32 and r["variant"] == "default" and math.isfinite(r["ratio"]):
-                speedup = r["ratio"]
-        mm = rows[0]
+    print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    fractions, references = [], []
+    for preset in args.preset:
+        for resolution in args.resolution:
+            rows = measure(args, preset, resolution, device)
+            for r in rows:
+                ratio = f"{r['ratio']:.2f}x" if math.isfinite(r["ratio"]) else "n/a"
+                peak = f"{r['peak_mb']:.0f}" if math.isfinite(r["peak_mb"]) else "n/a"
+                print(
+                    f"| {preset} | {resolution}x{resolution} | {r['batch']} | {r['variant']} | {r['images_s']:.2f} "
+                    f"| {1e3 / r['images_s']:.1f} | {ratio} | {peak} | {r['flops'] / 1e9:.2f} "
+                    f"| {r['achieved'] / 1e9:.1f} | {r['achieved'] / r['reference'].flops:.2f} | {r['compile_s']:.0f} |"
+                )
+            user = next(r for r in rows if r["variant"] == ("fit" if "fit" in args.variants else rows[-1]["variant"]))
+            fractions.append(f"matmul-fraction {preset} {resolution} {user['achieved'] / user['reference'].flops:.2f}")
+            references.append(f"{preset} {resolution}x{resolution}: {rows[0]['reference'].describe()}")
+    print("\nreference multiplies, timed between the steps:\n" + "\n".join(f"- {line}" for line in references))
+    for resolution in args.resolution if args.loader_batches else []:  # the loader runs on the host CPU
+        batch = args.batch or preset_config(args.preset[0])["batch"]
+        ips, description = loader_images_per_s(batch, resolution, args.loader_batches)
         print(
-            f"| {resolution}x{resolution} | matmul {args.matmul_size}^2 | bf16 {mm['mm_bf16'] / 1e9:.1f} GFLOP/s "
-            f"| fp32 {mm['mm_fp32'] / 1e9:.1f} GFLOP/s | | | | | | | |"
+            f"\ndata loader ({description}), {resolution}x{resolution}, batch {batch}, 0 workers: {ips:,.0f} images/s"
         )
-    for resolution in args.resolution:  # the loader runs on the host CPU whatever the device
-        if args.loader_batches:
-            ips, description = loader_images_per_s(args.batch, resolution, args.loader_batches)
-            print(
-                f"\ndata loader ({description}), {resolution}x{resolution}, batch {args.batch}, 0 workers: "
-                f"{ips:,.0f} images/s"
-            )
     if args.parity_steps:
         print(
-            f"\nparity (demo net, batch {args.parity_batch} at {args.parity_resolution}x{args.parity_resolution}, "
-            "same seed, same training batches; bits/dim of a held-out batch, evaluated in fp32)\n"
+            f"\nparity (demo preset, batch {args.parity_batch} at {args.parity_resolution}x{args.parity_resolution}, "
+            "same seed, same training batches; the last step's loss, and bits/dim of a held-out batch in fp32)\n"
         )
-        print("| variant | steps | bits/dim |\n| --- | ---: | ---: |")
+        print("| variant | steps | loss | bits/dim |\n| --- | ---: | ---: | ---: |")
         print("\n".join(parity(args, device)))
-    if speedup is not None:
-        print(f"\nspeed-up: {speedup:.2f}x")
+    print("\n" + "\n".join(fractions))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,6 @@
-"""lightning-dq: Depthwise Quantization (Fostiropoulos & Boehm, CVPR 2022) as a PyTorch Lightning framework.
-
-The public API, one import away (`from lightning_dq import DepthwiseQuantizer`), imported on first use so the
-networks load without Lightning; the layers and which file owns which concept: docs/architecture.md.
-"""
-
-from __future__ import annotations
+"""lightning-dq: Depthwise Quantization (Fostiropoulos & Boehm, CVPR 2022) as a PyTorch Lightning framework. The
+public API, one import away (`from lightning_dq import DepthwiseQuantizer`), imported on first use so the networks load
+without Lightning; the layers and which file owns which concept: docs/architecture.md."""
 
 import importlib
 from importlib.metadata import version
@@ -21,17 +17,7 @@ _EXPORTS = {
     "PriorModule": "lightning_dq.training.modules",
     "ImageDataModule": "lightning_dq.data.datamodule",
 }
-__all__ = [
-    "AutoEncoderModule",
-    "CodeGeometry",
-    "CodePrior",
-    "Codebook",
-    "DepthwiseQuantizer",
-    "HierarchicalAutoEncoder",
-    "ImageDataModule",
-    "PriorModule",
-    "__version__",
-]
+__all__ = [*_EXPORTS, "__version__"]
 
 
 def __getattr__(name: str):

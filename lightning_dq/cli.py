@@ -1,13 +1,6 @@
-"""The `lightning-dq` command: LightningCLI with layered YAML configs and `--key=value` overrides, plus the
-project's own commands (`lightning-dq prepare`). Configs are parsed in jsonargparse's `omegaconf+` mode, so
-`${trainer.default_root_dir}/checkpoints` resolves against the merged config and the saved `config.yaml` shows where
-every file went, which precision ran and which key ranked the checkpoints.
-
-    lightning-dq fit --config configs/base.yaml --config configs/cifar10.yaml [--trainer.max_epochs=10]
-    lightning-dq fit ... --ckpt_path last        # resume the run in trainer.default_root_dir
-"""
-
-from __future__ import annotations
+"""The `lightning-dq` command: LightningCLI with layered YAML configs (jsonargparse's `omegaconf+` mode: `${trainer...}`
+resolves against the merged config) and `--key=value` overrides, plus the project's own commands (`prepare`, the
+codec's). `lightning-dq fit --config configs/base.yaml --config configs/cifar10.yaml [--ckpt_path last]`."""
 
 import argparse
 import inspect
@@ -85,8 +78,7 @@ class SaveConfigToRun(SaveConfigCallback):
 
 
 def trainer_callbacks(config: dict[str, Any], stream=None) -> dict[str, Any]:
-    """Trainer arguments replacing the instantiated `config`'s: plain progress lines where stdout is not a terminal
-    (a terminal keeps the rich bar), our model summary, W&B folders made in advance."""
+    """Trainer arguments over `config`'s: plain progress lines off a terminal, our model summary, W&B folders made."""
     callbacks = config.get("callbacks") or []
     callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
     out: dict[str, Any] = {"callbacks": callbacks}
@@ -214,8 +206,7 @@ def find_user_error(err: BaseException | None) -> UserError | None:
 
 
 def main(args: ArgsType = None) -> None:
-    """The `lightning-dq` console script: a `UserError` is one line on stderr and exit status 2, any other exception
-    keeps its traceback."""
+    """The `lightning-dq` script: a `UserError` is one line on stderr and exit status 2; others keep their traceback."""
     argv = list(sys.argv[1:] if args is None else args)
     try:
         if argv and argv[0] == "prepare":

@@ -1,8 +1,6 @@
 """Errors a user can fix, each also the built-in exception callers catch (`ValueError`, `OSError`, ...): `lightning-dq`
 prints one as one line naming the file, key or value and what to do, and exits 2; anything else is a bug."""
 
-from __future__ import annotations
-
 import errno
 import shutil
 from pathlib import Path

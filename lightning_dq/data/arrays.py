@@ -2,8 +2,6 @@
 tensors of it. S -> r (k = S / r, a power of two) is one k x k box mean per pixel, summed in integers and rounded
 once, half to even (2x2 sums 2, 6, 10 give 0, 2, 2): 64 -> 16 is one 4x4 box, not two rounded 2x2 steps."""
 
-from __future__ import annotations
-
 import mmap
 from pathlib import Path
 

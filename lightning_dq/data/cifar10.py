@@ -2,8 +2,6 @@
 planes), its download, and the fallback to `sample` when missing. Pickles run code when loaded: `_CifarUnpickler`
 resolves only the few numpy/builtin names these files contain, and refuses any other before it can run."""
 
-from __future__ import annotations
-
 import codecs
 import hashlib
 import io

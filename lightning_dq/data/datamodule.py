@@ -1,4 +1,6 @@
-"""`ImageDataModule`: every dataset of the project as uint8 (B, 3, H, W) batches at a settable resolution.
+"""`ImageDataModule`: every dataset of the project as uint8 (B, 3, H, W) batches at a settable resolution. Each split is
+one uint8 (N, 3, S, S) array (ImageNet's memory-mapped); each `*_dataloader()` call serves the current `resolution`
+exactly. (*) without `train/` and `test/` under `root`, every 10th image (sorted paths) is test.
 
 | dataset | stored side | train / val | test |
 | --- | --- | --- | --- |
@@ -6,13 +8,7 @@
 | imagenet32, imagenet64 | 32, 64 | train_data_batch_1..10.npz, `val_size` held out | val_data.npz |
 | folder | `native_resolution` | `root/train/` (*), `val_size` held out | `root/test/` (*) |
 | sample | `native_resolution` | patches of 4 photos / of 1 photo | patches of 1 photo |
-| synthetic | `native_resolution` | `synthetic_train` images, `val_size` held out | `synthetic_test` images |
-
-(*) without `train/` and `test/` under `root`, every 10th image (sorted paths) is test. Each split is one uint8
-(N, 3, S, S) array (ImageNet's memory-mapped); each `*_dataloader()` call serves the current `resolution` exactly.
-"""
-
-from __future__ import annotations
+| synthetic | `native_resolution` | `synthetic_train` images, `val_size` held out | `synthetic_test` images |"""
 
 from pathlib import Path
 from typing import Literal
@@ -45,10 +41,9 @@ TITLES = {
 
 
 class ImageDataModule(LightningDataModule):
-    """Image batches, uint8 (B, 3, resolution, resolution), for every stage; no labels.
-
-    Train shuffles as a function of (`seed`, epoch) and resumes mid-epoch; val and test keep their order and serve
-    every image once, under DDP too. A new resolution needs a new loader (`reload_dataloaders_every_n_epochs: 1`).
+    """Image batches, uint8 (B, 3, resolution, resolution), for every stage; no labels. Train shuffles as a function of
+    (`seed`, epoch) and resumes mid-epoch; val and test keep their order and serve every image once, under DDP too. A
+    new resolution needs a new loader (`reload_dataloaders_every_n_epochs: 1`).
 
     Args:
         dataset: which data to serve (see the module docstring). "synthetic" is not real data.
@@ -181,9 +176,8 @@ class ImageDataModule(LightningDataModule):
         counts = {split: len(images if rows is None else rows) for split, (images, rows) in self._splits.items()}
         sizes = ", ".join(f"{n} {split}" for split, n in counts.items()) or "not set up yet"
         photos = "; ".join(f"{split}: {', '.join(names)}" for split, names in SAMPLE_PHOTOS.items())
-        source = {"sample": f"skimage.data ({photos})", "synthetic": f"seed {self.seed}"}.get(
-            self._served, str(find_cifar10(self.root) if self._served == "cifar10" else self.root)
-        )
+        path = find_cifar10(self.root) if self._served == "cifar10" else self.root
+        source = {"sample": f"skimage.data ({photos})", "synthetic": f"seed {self.seed}"}.get(self._served, str(path))
         sides = f"stored {self.native_resolution}x{self.native_resolution}, served {self.resolution}x{self.resolution}"
         return "; ".join([f"{TITLES[self._served]} from {source}: {sizes}; {sides}", *self._notes])
 

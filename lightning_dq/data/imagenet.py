@@ -2,8 +2,6 @@
 the npz files are converted once into one `.npy` per split that every process maps (no rank holds ImageNet-64's
 15.7 GB in RAM). The van den Oord et al. (2016) version is refused: its bits/dim are not comparable."""
 
-from __future__ import annotations
-
 import contextlib
 import json
 import os

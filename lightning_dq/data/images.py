@@ -1,8 +1,6 @@
 """Image files and generated images as uint8 (N, 3, S, S) arrays: folders of PNG/JPEG files, the lossless
 photographs shipped inside scikit-image (`sample`), and seeded synthetic shapes (NOT real images)."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,8 +11,7 @@ from PIL import Image
 from lightning_dq.errors import DataError, DataNotFoundError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-# held-out photos (a whole photo is never split across train/val/test); the stereo pair stays together
-SAMPLE_PHOTOS = {
+SAMPLE_PHOTOS = {  # held-out photos (a whole photo is never split across train/val/test); the stereo pair together
     "train": ("astronaut", "immunohistochemistry", "motorcycle_left", "motorcycle_right"),
     "val": ("chelsea",),
     "test": ("coffee",),

@@ -1,8 +1,6 @@
 """Samplers and the training DataLoader: every evaluation image exactly once under DDP, and a training order that
 is a function of (seed, epoch), so a run killed mid-epoch resumes by skipping exactly the batches it trained on."""
 
-from __future__ import annotations
-
 import itertools
 from collections.abc import Iterator
 
@@ -11,14 +9,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 class EvenShardSampler(DistributedSampler):
-    """Evaluation batches of one DDP rank: every image exactly once over all ranks, the same batch count on each.
-
-    Rank r gets the r-th of `num_replicas` contiguous shards (sizes differ by at most one), cut into
-    ceil(ceil(N / num_replicas) / batch_size) near-equal batches: equal counts keep per-step collectives matched, and
-    a rank without images gets one empty batch (with none, Lightning would skip its evaluation loop and epoch-end
-    syncs while the others wait). `DistributedSampler` instead pads with up to `num_replicas - 1` repeated images.
-    Yields lists of positions, for `DataLoader(dataset, batch_size=None, sampler=...)`.
-    """
+    """Evaluation batches of one DDP rank: every image exactly once over all ranks, the same batch count on each. Rank r
+    gets the r-th of `num_replicas` contiguous shards (sizes differ by at most one), cut into near-equal batches,
+    ceil(ceil(N / num_replicas) / batch_size) of them: equal counts keep per-step collectives matched, and a rank
+    without images gets one empty batch (with none, Lightning would skip its evaluation loop and epoch-end syncs while
+    the others wait). `DistributedSampler` instead pads with up to `num_replicas - 1` repeated images. Yields lists of
+    positions, for `DataLoader(dataset, batch_size=None, sampler=...)`."""
 
     def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int, rank: int) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)

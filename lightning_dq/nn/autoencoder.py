@@ -1,11 +1,6 @@
-"""`HierarchicalAutoEncoder`: the hierarchical DQ auto-encoder of the paper's official code (dq.py).
-
-Bottom-up encoders give L levels, each half the grid of the one below; levels are quantized top down, each with the
-decoded level above (VQ-VAE-2 style); all levels, brought to the grid H / stride, are decoded into a likelihood
-head's parameters. Fully convolutional (32x32 and 64x64 with one set of weights); levels are listed TOP FIRST.
-"""
-
-from __future__ import annotations
+"""`HierarchicalAutoEncoder`, the DQ auto-encoder of the paper's official code (dq.py): L levels, each half the grid of
+the one below, quantized top down with the decoded level above (VQ-VAE-2 style), all decoded on the grid H / stride into
+a likelihood head's parameters. Fully convolutional (32x32 and 64x64 alike); levels listed TOP FIRST."""
 
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
@@ -86,10 +81,8 @@ class AutoEncoderOutput(NamedTuple):
 
 
 class HierarchicalAutoEncoder(nn.Module):
-    """Hierarchical auto-encoder with one `DepthwiseQuantizer` per level.
-
-    The official README preset: channels=256, res_blocks=3, res_channels=256, coder_blocks=2, stride=2,
-    code_dim=64, num_codebooks=5, codebook_sizes=[32, 32, 32]; code grids 2x2, 4x4, 8x8 (top first) at 32x32.
+    """Hierarchical auto-encoder with one `DepthwiseQuantizer` per level; the size defaults are the official README
+    preset (code grids 2x2, 4x4, 8x8, top first, at 32x32).
 
     Args:
         channels: C, width of encoders and decoders.
@@ -102,8 +95,7 @@ class HierarchicalAutoEncoder(nn.Module):
         num_codebooks: M, codebooks per level.
         code_dim: D, dimension of each code.
         mode: "dq" (depthwise split, one slice per codebook) or "vq" (the official VQ baseline).
-        head: likelihood head: "mix" (discretized logistic mixture), "categorical" (256-way softmax) or
-            "mse" (a training loss only: it has no bits/dim).
+        head: "mix" (discretized logistic mixture), "categorical" (256-way softmax) or "mse" (a loss only: no bits/dim).
         num_mixtures: logistic components of the "mix" head.
         decay: EMA decay of the codebooks.
         dead_code_threshold: EMA count below which a code is restarted from the batch (0 disables).
@@ -144,37 +136,22 @@ class HierarchicalAutoEncoder(nn.Module):
         bottom = [Encoder(3, c, stride, **block)] + [Encoder(c, c, 2, **block) for _ in range(coder_blocks - 1)]
         self.encoders = nn.ModuleList([nn.Sequential(*bottom)] + [Encoder(c, c, 2, **block) for _ in range(levels - 1)])
         # quantizers, index 0 = bottom; every level but the top also sees the decoded level above
+        upkeep = dict(dead_code_threshold=dead_code_threshold, commitment_reduction=commitment_reduction)
         self.quantizers = nn.ModuleList(
-            DepthwiseQuantizer(
-                c if level == levels - 1 else 2 * c,
-                num_codebooks,
-                codebook_sizes[levels - 1 - level],
-                code_dim,
-                mode,
-                decay,
-                dead_code_threshold=dead_code_threshold,
-                commitment_reduction=commitment_reduction,
-            )
-            for level in range(levels)
+            DepthwiseQuantizer(2 * c if level < levels - 1 else c, num_codebooks, k, code_dim, mode, decay, **upkeep)
+            for level, k in enumerate(reversed(codebook_sizes))
         )
         # conditioning decoders: quantized level l+1 -> features on level l's grid
         self.conditioners = nn.ModuleList(Decoder(md, c, c, 2, **block) for _ in range(levels - 1))
         # each level -> the common grid H / stride: level l sits 2^(coder_blocks-1+l) below it (nearest-neighbour
-        # up-sampling by 2^(l-1) for l >= 2, then up-sampling decoders)
+        # up-sampling by 2^(l-1) for l >= 2, then up-sampling decoders: one fewer at the bottom, or a stride-1 one)
         self.upsamplers = nn.ModuleList()
         for level in range(levels):
-            if level == 0:
-                steps = [Decoder(md if i == 0 else c, c, c, 2, **block) for i in range(coder_blocks - 1)]
-                self.upsamplers.append(nn.Sequential(*steps) if steps else Decoder(md, c, c, 1, **block))
-                continue
             nearest = [nn.Upsample(scale_factor=2 ** (level - 1), mode="nearest")] if level > 1 else []
-            steps = [Decoder(md if i == 0 else c, c, c, 2, **block) for i in range(coder_blocks)]
-            self.upsamplers.append(nn.Sequential(*nearest, *steps))
-        self.decoder = nn.Sequential(
-            Decoder(c * levels, c, c, stride, **block),
-            Decoder(c, c, c, 1, **block),
-            nn.Conv2d(c, head_channels(head, num_mixtures), 3, padding=1),
-        )
+            steps = [Decoder(md if i == 0 else c, c, c, 2, **block) for i in range(coder_blocks - (level == 0))]
+            self.upsamplers.append(nn.Sequential(*nearest, *steps) if steps else Decoder(md, c, c, 1, **block))
+        decoders = [Decoder(c * levels, c, c, stride, **block), Decoder(c, c, c, 1, **block)]
+        self.decoder = nn.Sequential(*decoders, nn.Conv2d(c, head_channels(head, num_mixtures), 3, padding=1))
         if init == "kaiming":
             self._kaiming_init()
 
@@ -194,8 +171,7 @@ class HierarchicalAutoEncoder(nn.Module):
     def num_levels(self) -> int:
         return self.geometry.num_levels
 
-    def code_shapes(self, resolution: int) -> list[tuple[int, int, int, int]]:
-        """(h, w, M, K) of each level's codes, top first, for square images of side `resolution`."""
+    def code_shapes(self, resolution: int) -> list[tuple[int, int, int, int]]:  # `CodeGeometry.shapes`
         return self.geometry.shapes(resolution)
 
     def _quantize(self, x: Tensor) -> list[QuantizerOutput]:

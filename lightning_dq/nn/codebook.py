@@ -1,8 +1,5 @@
-"""`Codebook`: M EMA codebooks of K codes of dimension D, all their maths in one batched computation: fp32, no
-one-hot matrices, no loop over codebooks, statistics all-reduced and restarts broadcast (identical on every rank).
-"""
-
-from __future__ import annotations
+"""`Codebook`: M EMA codebooks of K codes of dimension D, all their maths in one batched computation: fp32, no one-hot
+matrices, no loop over codebooks, statistics all-reduced and restarts broadcast (identical on every rank)."""
 
 from typing import NamedTuple
 
@@ -23,8 +20,8 @@ def stacked_index(codes: Tensor, codebook_size: int) -> Tensor:
 
 
 def code_histogram(codes: Tensor, codebook_size: int) -> Tensor:
-    """Counts of each code per codebook `(M, N)` -> `(M, K)` float32 (exact below 2**24), by one `index_add_`:
-    `torch.bincount` reads its maximum back to the host, a sync per call on GPUs."""
+    """Counts of each code per codebook `(M, N)` -> `(M, K)` float32 (exact below 2**24), by one `index_add_`: torch's
+    bin count reads its maximum back to the host, a sync per call on GPUs."""
     m = codes.shape[0]
     index = stacked_index(codes, codebook_size).flatten()  # (M*N,)
     counts = torch.zeros(m * codebook_size, device=codes.device)
@@ -77,13 +74,12 @@ class CodebookStats(NamedTuple):
 
 
 class Codebook(nn.Module):
-    """M EMA codebooks of K codes of dimension D, updated in one batched computation.
-
-    Buffers (fp32, in checkpoints): `embed` (M, K, D), the EMA counts `cluster_size` (M, K) and sums `embed_avg`.
-    A code whose EMA count falls below `dead_code_threshold` is restarted from a batch vector with its statistics
-    reset to count = threshold (the official code keeps the stale ones, which pull the code back); `restart_enabled`
-    gates this per pass (`CodebookReset`). The first training pass sets every code that way from k-means++ seeds.
-    A pass with NaN/inf vectors on any rank changes no codebook on any rank (gated with `torch.where`, no sync).
+    """M EMA codebooks of K codes of dimension D, updated in one batched computation. Buffers (fp32, in checkpoints):
+    `embed` (M, K, D), the EMA counts `cluster_size` (M, K) and sums `embed_avg`. A code whose EMA count falls below
+    `dead_code_threshold` is restarted from a batch vector with its statistics reset to count = threshold (the official
+    code keeps the stale ones, which pull the code back); `restart_enabled` gates this per pass (`CodebookReset`). The
+    first training pass sets every code that way from k-means++ seeds. A pass with NaN/inf vectors on any rank changes
+    no codebook on any rank (gated with `torch.where`, no sync).
 
     Args:
         num_codebooks: M, the number of independent codebooks.
@@ -91,8 +87,7 @@ class Codebook(nn.Module):
         code_dim: D, the dimension of each code.
         decay: EMA decay of counts and sums (the paper's code uses 0.99).
         eps: Laplace smoothing constant of the counts.
-        dead_code_threshold: a code with EMA count below this is dead (1.0: about one assignment per batch);
-            0 disables restarts.
+        dead_code_threshold: EMA count below which a code is dead (1.0: about one use per batch; 0 disables restarts).
     """
 
     def __init__(
@@ -143,8 +138,7 @@ class Codebook(nn.Module):
         # argmin_k |x - e_k|^2 = argmin_k (|e_k|^2 - 2 x.e_k): |x|^2 is the same for every k
         e2 = self.embed.pow(2).sum(dim=-1).unsqueeze(1)  # (M, 1, K)
         embed_t = self.embed.transpose(1, 2)  # (M, D, K)
-        # chunks over N keep the score block ~16 MB whatever N and K are
-        chunk = max(1, SCORE_BUDGET // (self.num_codebooks * self.codebook_size))
+        chunk = max(1, SCORE_BUDGET // (self.num_codebooks * self.codebook_size))  # ~16 MB blocks, whatever N, K
         scores = (torch.baddbmm(e2, xs, embed_t, alpha=-2.0) for xs in x.split(chunk, dim=1))  # (M, chunk, K)
         return torch.cat([s.argmin(dim=-1) for s in scores], dim=1)  # (M, N)
 
@@ -196,8 +190,7 @@ class Codebook(nn.Module):
     @torch.no_grad()
     def restart_dead_codes(self, x: Tensor, ok: Tensor) -> Tensor:
         """Replace dead codes by vectors sampled from `x` `(M, N, D)` if `ok`; returns the count per codebook `(M,)`.
-        The mask comes from all-reduced counts, the samples from rank 0 (broadcast unconditionally: no rank skips it).
-        """
+        The mask comes from all-reduced counts, the samples from rank 0 (always broadcast: no rank skips it)."""
         dead = self.dead_codes() & ok  # (M, K)
         samples = broadcast_from_rank0_(sample_rows(x, self.codebook_size).contiguous())  # (M, K, D)
         self._reset_codes(dead, samples)

@@ -1,8 +1,5 @@
-"""`CodeGeometry`: the code structure of an auto-encoder, the one source of code grid shapes. Codes are lists of
-int64 (B, M, h_l, w_l), top level first; their sequence order (prior, code files, codec) is level, row, column, M.
-"""
-
-from __future__ import annotations
+"""`CodeGeometry`: the code structure of an auto-encoder, the one source of code grid shapes. Codes are lists of int64
+(B, M, h_l, w_l), top level first; their sequence order (prior, code files, codec) is level, row, column, M."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,8 +69,7 @@ class CodeGeometry:
         return [x.reshape(x.shape[0], h, w, m, *x.shape[2:]).movedim(3, 1) for x, (h, w, m, _) in pairs]
 
     def check_codes(self, codes: Sequence[Tensor], values: bool = False) -> int:
-        """Validate a list of codes (levels, dtype, shapes; with `values`, the range, which syncs the host); return
-        the image side they imply."""
+        """Check codes (levels, dtype, shapes; with `values` the range: a host sync); return the image side implied."""
         if not isinstance(codes, list | tuple) or len(codes) != self.num_levels:
             got = f"{len(codes)} items" if isinstance(codes, list | tuple) else type(codes).__name__
             raise ValueError(f"codes must be a list of {self.num_levels} tensors, one per level, top first; got {got}")

@@ -1,19 +1,15 @@
 """The one answer to "am I distributed?", at call time (Lightning builds models before the process group exists),
 and the collectives of the networks: no-ops in a single process."""
 
-from __future__ import annotations
-
 import torch.distributed as dist
 from torch import Tensor
 
 
 def is_distributed() -> bool:
-    """True when `torch.distributed` is initialised with more than one rank (checked on every call)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def all_reduce_sum_(tensor: Tensor) -> Tensor:
-    """Sum `tensor` in place over all ranks."""
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
@@ -26,7 +22,6 @@ def all_finite(finite: Tensor) -> Tensor:
 
 
 def broadcast_from_rank0_(tensor: Tensor) -> Tensor:
-    """Overwrite `tensor` in place with rank 0's copy."""
     if is_distributed():
         dist.broadcast(tensor, src=0)
     return tensor

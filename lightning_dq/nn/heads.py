@@ -1,11 +1,6 @@
-"""Likelihood heads over 8-bit RGB targets (B, 3, H, W): "mix" (discretized mixture of logistics with channel-
-autoregressive means, PixelCNN++/VDVAE style), "categorical" (256-way softmax) and "mse" (a loss, NOT a likelihood).
-
-Every NLL is in nats per sub-pixel. All maths is fp32 with autocast off: bf16 would round a log-probability near
--2.5 nats by up to ~0.01, enough to move a bits/dim figure in its second decimal.
-"""
-
-from __future__ import annotations
+"""Likelihood heads over 8-bit RGB (B, 3, H, W): "mix" (discretized logistic mixture, channel-autoregressive means as
+PixelCNN++/VDVAE), "categorical" (256-way softmax), "mse" (a loss, NOT a likelihood). NLLs in nats per sub-pixel, fp32
+with autocast off: bf16 rounds a log-probability near -2.5 nats by up to ~0.01, moving bits/dim in the 2nd decimal."""
 
 import functools
 import math
@@ -59,11 +54,9 @@ def targets(x: Tensor, params: Tensor) -> Tensor:
 
 
 def dmol_split(params: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(B, 10n, H, W) -> logits (B, n, H, W) and means, log-scales, coeffs, each (B, 3, n, H, W).
-
-    Channel order: n mixture logits, then 3n means, 3n log-scales, 3n coefficients, each block channel-major
-    (index c*n + k for channel c of component k). Coefficients are (R->G, R->B, G->B).
-    """
+    """(B, 10n, H, W) -> logits (B, n, H, W) and means, log-scales, coeffs, each (B, 3, n, H, W). Channel order: n
+    mixture logits, then 3n means, 3n log-scales, 3n coefficients, each block channel-major (index c*n + k for channel
+    c of component k). Coefficients are (R->G, R->B, G->B)."""
     if params.dim() != 4 or params.shape[1] == 0 or params.shape[1] % 10:
         raise ValueError(f"params must have shape (B, 10*num_mixtures, H, W), got {_describe(params)}")
     b, ch, h, w = params.shape
@@ -140,8 +133,7 @@ def dmol_sample(params: Tensor, temperature: float = 1.0) -> Tensor:
 
 @fp32
 def dmol_reconstruct(params: Tensor) -> Tensor:
-    """Deterministic image: the autoregressive mean of each pixel's most probable component, rounded (not the
-    mode of the mixture)."""
+    """Deterministic image: the autoregressive mean of each pixel's most probable component, rounded (not the mode)."""
     return _dmol_draw(params, 0.0, dmol_split(params)[0].argmax(1, keepdim=True))
 
 

@@ -1,13 +1,8 @@
-"""`CodePrior`: an autoregressive Transformer prior over the codes of every level (figure C's code cost).
-
-One causal pre-LayerNorm Transformer over every code in sequence order (level top first, row, column, codebook),
-so each level is conditioned on the levels above it. The input at t is the embedding of token t-1 (BOS at t=0,
-tokens per (level, codebook, code)) plus learned level, row, column and codebook embeddings of t. One fp32 linear
-head per level, initialised at zero: a fresh prior is exactly uniform (figure B). Rows and columns are absolute
-indices (< `max_grid`), so the same weights serve 32x32 and 64x64 images.
-"""
-
-from __future__ import annotations
+"""`CodePrior`: an autoregressive Transformer prior over the codes of every level (figure C's code cost). One causal
+pre-LayerNorm Transformer over every code in sequence order (level top first, row, column, codebook): each level is
+conditioned on those above. The input at t: the embedding of token t-1 (BOS at t=0; a token per level, codebook and
+code) plus learned level, row, column and codebook embeddings of t. One fp32 linear head per level, zero at init: a
+fresh prior is exactly uniform (figure B). Rows, columns are absolute (< `max_grid`): the same weights, any size."""
 
 import math
 from collections.abc import Callable, Sequence
@@ -67,8 +62,7 @@ class CodePrior(nn.Module):
     """Autoregressive Transformer prior over all levels' codes (the module docstring explains the design).
 
     Args:
-        geometry: the auto-encoder's code structure (`HierarchicalAutoEncoder.geometry`); a config gives the
-            other arguments and `PriorModule` passes this one from the auto-encoder checkpoint.
+        geometry: the auto-encoder's code structure, which `PriorModule` passes (a config gives the other arguments).
         dim: Transformer width.
         depth: number of Transformer blocks.
         heads: attention heads; must divide `dim`.
@@ -87,12 +81,8 @@ class CodePrior(nn.Module):
     ) -> None:
         super().__init__()
         if dim % heads or not 0.0 <= dropout < 1.0:
-            raise ConfigError(
-                f"need heads dividing dim and 0 <= dropout < 1, got dim={dim}, heads={heads}, dropout={dropout}"
-            )
-        self.config = dict(
-            dim=dim, depth=depth, heads=heads, max_grid=max_grid, dropout=dropout
-        )  # saved in checkpoints
+            raise ConfigError(f"need heads dividing dim and 0 <= dropout < 1, got {dim=}, {heads=}, {dropout=}")
+        self.config = dict(dim=dim, depth=depth, heads=heads, max_grid=max_grid, dropout=dropout)  # in checkpoints
         self.geometry = geometry
         self.dim = dim
         self.num_heads = heads

@@ -1,8 +1,5 @@
 """`DepthwiseQuantizer` (Fostiropoulos & Boehm, CVPR 2022, arXiv 2203.08080): the module an encoder calls."""
 
-from __future__ import annotations
-
-import math
 from typing import Literal, NamedTuple
 
 import torch
@@ -23,12 +20,11 @@ class QuantizerOutput(NamedTuple):
 
 
 class DepthwiseQuantizer(nn.Module):
-    """Project `(B, C, h, w)` features and quantize them with M codebooks, with a straight-through gradient.
-
-    mode "dq": a 1x1 conv C -> M*D split along channels into M slices of D, slice m quantized by codebook m: K^M
-    representable vectors for M*K stored codes. mode "vq" (the official baseline): a 1x1 conv C -> D whose vector
-    all M codebooks quantize, the results concatenated: the same memory and width (M=1 is plain VQ). The EMA
-    codebooks update in training mode only; projection and codebook maths run in fp32, autocast off.
+    """Project `(B, C, h, w)` features and quantize them with M codebooks, with a straight-through gradient. Mode "dq":
+    a 1x1 conv C -> M*D split along channels into M slices of D, slice m quantized by codebook m: K^M representable
+    vectors for M*K stored codes. Mode "vq" (the official baseline): a 1x1 conv C -> D whose vector all M codebooks
+    quantize, the results concatenated: the same memory and width (M=1 is plain VQ). The EMA codebooks update in
+    training mode only; projection and codebook maths run in fp32, autocast off.
 
     Args:
         in_channels: C, channels of the features to quantize.
@@ -77,11 +73,6 @@ class DepthwiseQuantizer(nn.Module):
     def out_channels(self) -> int:
         """M*D, the width of `quantized` (the same in "dq" and "vq")."""
         return self.num_codebooks * self.code_dim
-
-    @property
-    def bits_per_position(self) -> float:
-        """Cost of one spatial position's codes under a uniform prior: M * log2 K."""
-        return self.num_codebooks * math.log2(self.codebook_size)
 
     def _to_vectors(self, z: Tensor) -> Tensor:
         """Projected features `(B, M*D or D, h, w)` -> per-codebook vectors `(M, N, D)`, N = B*h*w."""

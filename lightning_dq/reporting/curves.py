@@ -1,7 +1,5 @@
 """`MetricCurves`: the bits/dim curve of the run directory, W&B's run-summary minima, and a fit's closing summary."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer

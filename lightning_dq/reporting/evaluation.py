@@ -1,7 +1,5 @@
 """`EvaluationReport`: the test figures of a run as `evaluation.json` and a markdown row `evaluation.md`."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 
@@ -63,15 +61,10 @@ class EvaluationReport(Callback):
         if self.coded_images and getattr(pl_module, "autoencoder", None) is not None:  # figure C in real bytes
             dataset = loaders[0].dataset
             count = len(dataset) if self.coded_images < 0 else min(self.coded_images, len(dataset))
-            coded = compress(
-                list(dataset[list(range(count))]), pl_module.autoencoder, prior, resolution=report["resolution"]
-            )
-            report["coded"] = {
-                "images": count,
-                "bpd_coded": coded.bits_per_dim,
-                "bpd_estimated": coded.estimated_bits_per_dim,
-            }
-            report["coded"] |= {"bytes": len(coded.data), "stream_bits": coded.payload_bits}
+            batch = list(dataset[list(range(count))])
+            coded = compress(batch, pl_module.autoencoder, prior, resolution=report["resolution"])
+            bits = {"bpd_coded": coded.bits_per_dim, "bpd_estimated": coded.estimated_bits_per_dim}
+            report["coded"] = {"images": count, **bits, "bytes": len(coded.data), "stream_bits": coded.payload_bits}
             figures["C coded"] = coded.bits_per_dim
         root = Path(trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)

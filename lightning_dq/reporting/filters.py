@@ -1,12 +1,9 @@
 """Known noise from our dependencies, each silenced by exact message and source; any other warning stays."""
 
-from __future__ import annotations
-
 import logging
 import warnings
 
-# Lightning's tips advertising its cloud logger and model registry (printed on every run that does not use them)
-LIGHTNING_TIPS = (
+LIGHTNING_TIPS = (  # Lightning's ads for its cloud logger and model registry, printed on every run not using them
     "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]",
     "💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels]",
 )
@@ -15,8 +12,6 @@ LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fa
 
 
 class _DropMessages(logging.Filter):
-    """Drops log records whose message starts with one of `LIGHTNING_TIPS`."""
-
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(LIGHTNING_TIPS)
 
@@ -28,11 +23,8 @@ def install_filters() -> None:
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages())
     # torch 2.14 deprecates `LeafSpec`; Lightning's own pytree helper (combined data loaders) still builds one
-    warnings.filterwarnings(
-        "ignore",
-        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-        category=FutureWarning,
-        module=r"lightning\.pytorch\.utilities\._pytree",
-    )
+    leaf_spec = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+    pytree = r"lightning\.pytorch\.utilities\._pytree"
+    warnings.filterwarnings("ignore", message=leaf_spec, category=FutureWarning, module=pytree)
     # mixed precision keeps fp32 parameters, so the summary's 32-bit size estimate is exact, not "inaccurate"
     warnings.filterwarnings("ignore", message=r"Precision (bf16|16)-mixed is not supported by the model summary")

@@ -1,7 +1,5 @@
 """`ImageLogger`: image grids and code usage, written into the run directory's `images/` and sent to the loggers."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import torch

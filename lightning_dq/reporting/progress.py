@@ -1,8 +1,6 @@
 """`PlainProgressBar`: progress as plain lines where stdout is a file or a pipe (a SLURM log, CI, `make demo >
 demo.log`), where a rich bar only renders when the run exits. In a terminal the Trainer's `RichProgressBar` is used."""
 
-from __future__ import annotations
-
 import math
 import sys
 import time

@@ -1,8 +1,6 @@
 """`RunRecord`: the run directory's `metrics.csv`, a logger that appends (`CSVLogger` deletes it on resume), so a killed
 and resumed run has one record of every epoch, minus the rows the killed attempt wrote after its last checkpoint."""
 
-from __future__ import annotations
-
 import csv
 import math
 import os

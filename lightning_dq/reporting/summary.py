@@ -1,8 +1,6 @@
 """`ModelSize`: the model summary a user needs. Lightning's table adds a FLOPs column that is always 0 here (it
 counts FLOPs only by running an `example_input_array`, which would initialise our codebooks from a dummy input)."""
 
-from __future__ import annotations
-
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelSummary

@@ -1,8 +1,6 @@
 """One W&B run per experiment (run directory), its id kept in `<run dir>/wandb_run_id`: a resumed fit continues it, and
 `test` and sampling attach to it. Name = the run directory's name, group = the dataset, job_type = the subcommand."""
 
-from __future__ import annotations
-
 import os
 import uuid
 from pathlib import Path

@@ -1,8 +1,6 @@
 """Training-control callbacks: when codebooks restart dead codes, a check that DDP ranks hold identical codebooks
 and EMA weights, and non-finite steps skipped on every rank together."""
 
-from __future__ import annotations
-
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -20,8 +18,7 @@ class CodebookReset(Callback):
     Args:
         every_n_steps: allow restarts on every n-th training step (1 = every step, as in the paper's code); the
             other steps only do the EMA update.
-        stop_after_step: no restarts from this global step on (None = never stop), so the final codebooks are not
-            perturbed right before evaluation.
+        stop_after_step: no restarts from this global step on (None = never), so evaluation sees unperturbed codebooks.
     """
 
     def __init__(self, every_n_steps: int = 1, stop_after_step: int | None = None) -> None:
@@ -31,7 +28,6 @@ class CodebookReset(Callback):
         self.stop_after_step = stop_after_step
 
     def enabled_at(self, step: int) -> bool:
-        """Whether restarts are allowed at global step `step`."""
         return step % self.every_n_steps == 0 and (self.stop_after_step is None or step < self.stop_after_step)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
@@ -56,11 +52,8 @@ def out_of_sync(states: dict[str, Tensor]) -> dict[str, float]:
 
 def replica_states(pl_module: LightningModule, trainer: Trainer | None = None) -> dict[str, Tensor]:
     """What every DDP rank must hold alike beyond what DDP syncs: each `Codebook`'s state and the EMA weights."""
-    states = {
-        name: torch.cat([m.embed.flatten(), m.cluster_size.flatten(), m.embed_avg.flatten()])
-        for name, m in pl_module.named_modules()
-        if isinstance(m, Codebook)
-    }
+    codebooks = [(name, m) for name, m in pl_module.named_modules() if isinstance(m, Codebook)]
+    states = {n: torch.cat([m.embed.flatten(), m.cluster_size.flatten(), m.embed_avg.flatten()]) for n, m in codebooks}
     for ema in [c for c in trainer.callbacks if isinstance(c, EMA) and c.shadow] if trainer else []:
         states["ema"] = torch.cat([t.flatten() for t in ema.shadow.values()])
     return states
@@ -86,17 +79,13 @@ class CodebookSyncCheck(Callback):
 
 
 class NonFiniteGuard(Callback):
-    """Skip optimizer steps whose loss or gradients are not finite, on every rank together; stop after too many
-    in a row.
-
-    Runs after backward (and DDP's gradient all-reduce) and before clipping; the loss flag is summed over ranks, so
-    every rank decides the same. A skipped step sets every gradient to None, which leaves the parameters and the
-    optimizer state untouched (so every checkpoint holds finite weights), and counts in `train/skipped_steps`.
-    Cost: one scalar all-reduce and one host sync per optimizer step.
+    """Skip optimizer steps with a non-finite loss or gradient, on every rank together; stop after too many in a row.
+    Runs after backward (and DDP's gradient all-reduce), before clipping; the flag is summed over ranks, so every rank
+    decides alike. A skipped step sets every gradient to None: parameters and optimizer state stay untouched (every
+    checkpoint holds finite weights); counted in `train/skipped_steps`. Cost: one scalar all-reduce and one host sync.
 
     Args:
-        max_consecutive: stop the run with `TrainingDivergedError` after this many skipped steps in a row
-            (0 = never stop).
+        max_consecutive: stop with `TrainingDivergedError` after this many skipped steps in a row (0 = never).
     """
 
     def __init__(self, max_consecutive: int = 20) -> None:

@@ -2,8 +2,6 @@
 checked against the model before Lightning reads them, ranked per image size, and holding what an exact resume
 needs beyond Lightning's state (RNG states, partial epoch aggregates; the data order: `ResumableDataLoader`)."""
 
-from __future__ import annotations
-
 import io
 import os
 import pickle
@@ -217,9 +215,7 @@ class ResumeCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.dirpath is None:  # next to the run's other checkpoints, so `--ckpt_path last` sees all of them
-            others = [
-                cb.dirpath for cb in trainer.checkpoint_callbacks if cb is not self and getattr(cb, "dirpath", None)
-            ]
+            others = [c.dirpath for c in trainer.checkpoint_callbacks if c is not self and getattr(c, "dirpath", None)]
             self.dirpath = others[0] if others else os.path.join(trainer.default_root_dir, "checkpoints")
         super().setup(trainer, pl_module, stage)
 

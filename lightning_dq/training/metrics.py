@@ -1,7 +1,5 @@
 """Epoch aggregates as torchmetrics, exact under DDP; every state is a sum (`ResumeCheckpoint` relies on it)."""
 
-from __future__ import annotations
-
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric, SumMetric

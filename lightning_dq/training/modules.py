@@ -1,11 +1,8 @@
-"""LightningModules: `AutoEncoderModule` trains the auto-encoder; `PriorModule` trains a prior over the codes of a
-frozen one and reports A, B and C. Epoch values are torchmetrics aggregates over images (each counted once, summed
-over ranks), logged as `{stage}/{name}` (train epoch keys end in `_epoch`; `ResolutionSchedule` may add a size). A
-checkpoint holds each network's constructor arguments beside its weights: `load_from_checkpoint(path)` needs nothing
-else.
-"""
+"""`AutoEncoderModule` trains the auto-encoder, `PriorModule` a prior over a frozen one's codes (reporting A, B, C).
+Epoch values: aggregates over images (each once, summed over ranks) logged as `{stage}/{name}` (train: `..._epoch`;
+`ResolutionSchedule` may add a size). Checkpoints hold the networks' arguments: `load_from_checkpoint` suffices."""
 
-from __future__ import annotations
+from __future__ import annotations  # `PriorModule.train` returns its own class
 
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,8 +32,7 @@ def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
 
 
 def decoder_figures(net: HierarchicalAutoEncoder, x: Tensor, out: AutoEncoderOutput, prior_log_prob=None) -> dict:
-    """Per-image values (B,) of one auto-encoder pass: A, B (C with `prior_log_prob`) and the reconstruction MSE;
-    the "mse" head has no bits/dim, its loss instead."""
+    """Per-image values (B,) of one pass: A, B (C with `prior_log_prob`) and the MSE ("mse" head: its loss instead)."""
     recon = head_reconstruct(net.head, out.params.detach(), net.num_mixtures)  # (B, 3, H, W) uint8
     values = {"mse": reconstruction_mse(recon, x)}
     if net.head == "mse":
@@ -46,8 +42,7 @@ def decoder_figures(net: HierarchicalAutoEncoder, x: Tensor, out: AutoEncoderOut
 
 
 def read_autoencoder(path: str | Path) -> tuple[HierarchicalAutoEncoder, dict]:
-    """The network of an `AutoEncoderModule` checkpoint (built from its stored config, weights loaded) and where it
-    came from: {"path", "epoch", "global_step"}."""
+    """The network of an `AutoEncoderModule` checkpoint (its stored config and weights) and its path, epoch, step."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -58,9 +53,8 @@ def read_autoencoder(path: str | Path) -> tuple[HierarchicalAutoEncoder, dict]:
     if "net_config" not in checkpoint:
         raise CheckpointError(f"{str(path)!r} is not an AutoEncoderModule checkpoint of this version (no 'net_config')")
     net = HierarchicalAutoEncoder(**checkpoint["net_config"])
-    net.load_state_dict(
-        {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-    )
+    state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    net.load_state_dict(state)
     source = {"path": str(path.resolve()), "epoch": checkpoint.get("epoch"), "global_step": checkpoint["global_step"]}
     return net, source
 
@@ -70,8 +64,9 @@ class CodeModelModule(LightningModule):
 
     epoch_key_suffix = ""  # set by ResolutionSchedule: the image size of this epoch, in a fit at several sizes
 
-    def _init_metrics(self, code_specs: list[tuple[int, int]], names: dict[str, list[str]]) -> None:
-        """code_specs: (M, K) per level, top first; names: metric names per stage."""
+    def _init_metrics(self, net: HierarchicalAutoEncoder, names: dict[str, list[str]]) -> None:
+        """The aggregates of each stage: `names` (metric names per stage) and the code usage of `net`'s levels."""
+        code_specs = [(m, k) for _, _, m, k in net.code_shapes(net.geometry.factor)]  # (M, K) per level, top first
         for stage in STAGES:  # attributes, not a ModuleDict: "train" would shadow nn.Module.train
             setattr(self, f"{stage}_metrics", StageMetrics(names[stage], code_specs))
         self._sides: dict[str, int] = {}  # image side of the current epoch per stage
@@ -144,8 +139,9 @@ class CodeModelModule(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
 
-    def _optimizers(self, params: Iterable[nn.Parameter]):
-        optimizer = self.optimizer_factory(params)
+    def configure_optimizers(self):
+        """The optimizer over the trained parameters (not a prior's frozen auto-encoder); the schedule: per step."""
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
@@ -157,8 +153,7 @@ class AutoEncoderModule(CodeModelModule):
     clipping and precision are Trainer settings).
 
     Args:
-        net: the auto-encoder (injected from the config as class_path/init_args); None rebuilds it from the
-            checkpoint `load_from_checkpoint` reads.
+        net: the auto-encoder (config: class_path/init_args); None rebuilds it from the checkpoint being loaded.
         beta: weight of the commitment term (0.25 in the paper's code).
         optimizer: callable from parameters to an optimizer (config: class_path/init_args); default Adam, lr 2e-4.
         lr_scheduler: optional callable from the optimizer to a learning-rate schedule, stepped every optimizer
@@ -191,9 +186,7 @@ class AutoEncoderModule(CodeModelModule):
     def _attach(self, net: HierarchicalAutoEncoder) -> None:
         self.net = net.to(memory_format=torch.channels_last) if self.channels_last else net
         names = ["loss", "commitment", "mse"] + (["mse_loss"] if net.head == "mse" else ["bpd_decoder", "bpd_uniform"])
-        self._init_metrics(
-            [(m, k) for _, _, m, k in net.code_shapes(net.geometry.factor)], dict.fromkeys(STAGES, names)
-        )
+        self._init_metrics(net, dict.fromkeys(STAGES, names))
         # a compiled bound method, not a module: the state dict keeps its keys (no `_orig_mod.` prefix)
         self._compiled_forward = torch.compile(self.net.forward) if self.compile else None
 
@@ -201,9 +194,6 @@ class AutoEncoderModule(CodeModelModule):
     def code_net(self) -> HierarchicalAutoEncoder | None:
         """The auto-encoder whose codes this module works on."""
         return self.net
-
-    def configure_optimizers(self):
-        return self._optimizers(self.parameters())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["net_config"] = self.net.config  # a prior (or a notebook) rebuilds the network from this file
@@ -217,9 +207,8 @@ class AutoEncoderModule(CodeModelModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self._compiled_forward(x) if self._compiled_forward is not None else self.net(x)
 
-    def _step(self, batch: Tensor, stage: str) -> Tensor:
-        x = batch  # (B, 3, H, W) uint8
-        out = self(x)
+    def _step(self, x: Tensor, stage: str) -> Tensor:
+        out = self(x)  # x: (B, 3, H, W) uint8
         loss = out.loss(self.beta)
         values = decoder_figures(self.net, x, out)
         values["loss"] = loss.detach().expand(x.shape[0])
@@ -227,11 +216,8 @@ class AutoEncoderModule(CodeModelModule):
         self._update(stage, x.shape[-1], values, out.codes)
         if stage == "train":
             for i, s in enumerate(out.stats):
-                stats = {
-                    "perplexity": s.perplexity.mean(),
-                    "dead_fraction": s.dead_fraction.mean(),
-                    "restarted": s.restarted.sum(),
-                }
+                stats = {"perplexity": s.perplexity.mean(), "dead_fraction": s.dead_fraction.mean()}
+                stats["restarted"] = s.restarted.sum()
                 self.log_dict({f"train/{k}_l{i}": v for k, v in stats.items()}, batch_size=x.shape[0])
         return loss
 
@@ -271,8 +257,7 @@ class PriorModule(CodeModelModule):
         return self.autoencoder
 
     def attach(self, net: HierarchicalAutoEncoder, source: dict, prior_config: dict | None = None) -> None:
-        """Make `net` this module's frozen auto-encoder and build the prior for its codes (from `prior_config`, a
-        checkpoint's, or the factory)."""
+        """Freeze `net` as the auto-encoder and build the prior for its codes from `prior_config` or the factory."""
         if net.head == "mse":
             raise CheckpointError(f"auto-encoder {source.get('path')!r} has head 'mse', which has no likelihood")
         if prior_config is None and self.prior_factory is None:
@@ -283,8 +268,7 @@ class PriorModule(CodeModelModule):
         self.prior = make(net.geometry).to(self.device)
         train = ["loss", "prior_bits_per_code", "bpd_prior_codes"]
         evaluate = train + ["bpd_decoder", "bpd_uniform", "bpd_prior", "mse"]
-        specs = [(m, k) for _, _, m, k in net.code_shapes(net.geometry.factor)]
-        self._init_metrics(specs, {"train": train, "val": evaluate, "val_raw": evaluate, "test": evaluate})
+        self._init_metrics(net, {"train": train, "val": evaluate, "val_raw": evaluate, "test": evaluate})
 
     def setup(self, stage: str) -> None:
         # A checkpoint restored after this hook brings its own auto-encoder (on_load_checkpoint); a fit reads
@@ -326,9 +310,6 @@ class PriorModule(CodeModelModule):
         if self.autoencoder is not None:
             self.autoencoder.eval()  # frozen: its codebooks must not update
         return self
-
-    def configure_optimizers(self):
-        return self._optimizers(self.prior.parameters())
 
     def _step(self, batch: Tensor, stage: str) -> Tensor:
         out = None

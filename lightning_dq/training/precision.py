@@ -2,8 +2,6 @@
 bf16 matrix work is faster than fp32 (CUDA sm80+, CPUs with AMX). An AVX512-BF16 CPU without AMX ran bf16 2x slower
 than fp32, an AVX2 CPU emulates it 6-50x slower (docs/benchmarks.md): 32-true there."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import torch
@@ -34,7 +32,5 @@ def resolve_precision(precision: str | None, accelerator: str | None) -> tuple[s
     device = "cuda" if gpu else "cpu" if accelerator in (None, "auto", "cpu") else str(accelerator)
     if fast_bf16(device):
         return "bf16-mixed", f"auto: bf16 is fast on this {device}"
-    return (
-        "32-true",
-        f"auto: bf16 would be slower than fp32 on this {device} (no {'AMX' if device == 'cpu' else 'bf16 units'})",
-    )
+    missing = "AMX" if device == "cpu" else "bf16 units"
+    return "32-true", f"auto: bf16 would be slower than fp32 on this {device} (no {missing})"

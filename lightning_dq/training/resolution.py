@@ -1,8 +1,6 @@
 """`ResolutionSchedule`, the owner of image sizes: it alone sets the data's `resolution`, checks that data and model
 serve every size, and names the size in the epoch keys of a fit at several sizes (`val/bpd_decoder_32px`)."""
 
-from __future__ import annotations
-
 import re
 from collections.abc import Mapping
 
@@ -21,13 +19,12 @@ def sized_key(key: str, side: int) -> str:
 
 
 class ResolutionSchedule(Callback):
-    """Train one model progressively at increasing image sizes: epoch milestones -> resolution.
-
-    `{0: 32, 100: 64}` trains at 32x32 for epochs 0-99, at 64x64 from 100 on; validation follows. The milestones are
-    saved in checkpoints (a resume with others is refused); `validate`/`test` of a checkpoint run at its epoch's size.
-    Before a fit at several sizes: loaders must be rebuilt each epoch, `data.init_args.resolution` must be epoch 0's,
-    a `checkpoint.monitor` without a size gets the final one (`val/loss_64px`), and one forward+backward at the
-    largest size and batch checks the memory (an out-of-memory at 64x64 shows in the first minute, not epoch 100).
+    """Train one model progressively at increasing image sizes: epoch milestones -> resolution. `{0: 32, 100: 64}`
+    trains at 32x32 for epochs 0-99, at 64x64 from 100 on; validation follows. The milestones are saved in checkpoints
+    (a resume with others is refused); `validate`/`test` of a checkpoint run at its epoch's size. Before a fit at
+    several sizes: loaders must be rebuilt each epoch, `data.init_args.resolution` must be epoch 0's, a
+    `checkpoint.monitor` without a size gets the final one (`val/loss_64px`), and one forward+backward at the largest
+    size and batch checks the memory (an out-of-memory at 64x64 shows in the first minute, not epoch 100).
 
     Args:
         milestones: first epoch of each stage -> image side for that stage; must contain epoch 0.
@@ -36,9 +33,7 @@ class ResolutionSchedule(Callback):
 
     def __init__(self, milestones: Mapping[int, int] | None = None, probe_largest: bool = True) -> None:
         self.milestones = dict(sorted((int(e), int(r)) for e, r in (milestones or {}).items()))
-        if self.milestones and (
-            0 not in self.milestones or min(self.milestones) < 0 or min(self.milestones.values()) < 1
-        ):
+        if self.milestones and (min(self.milestones) != 0 or min(self.milestones.values()) < 1):
             raise ConfigError(
                 f"resolution_schedule.milestones needs epoch 0 and epochs >= 0 -> sizes >= 1, got {self.milestones}"
             )
@@ -50,7 +45,6 @@ class ResolutionSchedule(Callback):
         return sorted(set(self.milestones.values()))
 
     def resolution_at(self, epoch: int) -> int:
-        """Image side of epoch `epoch` under the schedule."""
         return [r for e, r in self.milestones.items() if e <= epoch][-1]
 
     def monitor_key(self, monitor: str | None) -> str | None:
@@ -140,13 +134,10 @@ class ResolutionSchedule(Callback):
 
 
 def probe_memory(trainer: Trainer, pl_module: LightningModule, side: int) -> None:
-    """One forward+backward of the auto-encoder at `side` and the configured batch, leaving no trace (codebooks,
-    gradients and RNG states are restored)."""
+    """One forward+backward at `side` and the configured batch, leaving no trace (codebooks, gradients, RNG reset)."""
     batch = getattr(trainer.datamodule, "batch_size", 1)
-    modules = dict(pl_module.named_modules())
-    codebooks = {
-        n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in modules.items() if isinstance(m, Codebook)
-    }
+    codebooks = [m for m in pl_module.modules() if isinstance(m, Codebook)]
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in codebooks]
     with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
         x = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8, device=pl_module.device)
         try:
@@ -159,5 +150,5 @@ def probe_memory(trainer: Trainer, pl_module: LightningModule, side: int) -> Non
                 f"out of memory: lower data.init_args.batch_size or use more devices ({err})"
             ) from None
     pl_module.zero_grad(set_to_none=True)
-    for name, state in codebooks.items():
-        modules[name].load_state_dict(state)
+    for codebook, state in zip(codebooks, saved, strict=True):
+        codebook.load_state_dict(state)

@@ -1,7 +1,5 @@
 """Learning-rate schedules usable from a config (`model.init_args.lr_scheduler`), stepped every optimizer step."""
 
-from __future__ import annotations
-
 import math
 
 from torch.optim import Optimizer

@@ -3,7 +3,6 @@ mismatched `--ckpt_path` stops the real CLI with one message naming the file (an
 
 from __future__ import annotations
 
-import io
 import multiprocessing
 import os
 import shutil
@@ -33,21 +32,16 @@ DEBUG = [
 
 
 def _save_then_die_mid_write(path: str, marker: str) -> None:
-    """Child: one complete save, then a second save whose writer stops half-way (a slow disk) until killed."""
+    """Child: one complete save, then a second save that stops after writing the new bytes and before they are
+    synced and renamed into place (a slow disk) until killed."""
     checkpoint_io = AtomicCheckpointIO()
     checkpoint_io.save_checkpoint({"step": 1, "w": torch.ones(50_000)}, path)
-    real_save = torch.save
 
-    def slow_save(obj, f) -> None:
-        buffer = io.BytesIO()
-        real_save(obj, buffer)
-        data = buffer.getvalue()
-        f.write(data[: len(data) // 2])
-        f.flush()
-        Path(marker).touch()  # half of the new checkpoint is on disk
+    def slow_fsync(fd: int) -> None:
+        Path(marker).touch()  # the new checkpoint's bytes are in the temporary file, not yet renamed
         time.sleep(600)
 
-    torch.save = slow_save
+    os.fsync = slow_fsync
     checkpoint_io.save_checkpoint({"step": 2, "w": torch.zeros(50_000)}, path)
 
 

@@ -10,14 +10,18 @@ DATA_ROOT ?=
 CACHE_DIR ?=
 AE_CKPT ?=
 PRIOR_CKPT ?=
+CONFIG ?= demo
+OUT ?=
+IMAGES ?=
+FILE ?=
 BASE := --config configs/base.yaml
 ROOT := $(if $(DATA_ROOT),--data.init_args.root=$(DATA_ROOT),)
 ROOT += $(if $(CACHE_DIR),--data.init_args.cache_dir=$(CACHE_DIR),)
 AE := $(if $(AE_CKPT),--model.init_args.autoencoder_ckpt=$(AE_CKPT),)
 DDP := $(if $(filter-out 0 1,$(GPUS)),--config configs/ddp.yaml --trainer.devices=$(GPUS),)
 
-.PHONY: help install test test-all lint demo demo-prior debug train-cifar10 train-imagenet32 train-imagenet64 \
-        train-prior-cifar10 train-prior-imagenet32 train-prior-imagenet64 evaluate sample bench tables clean
+.PHONY: help install test test-all lint format demo demo-prior debug train-cifar10 train-imagenet32 train-imagenet64 \
+        train-prior-cifar10 train-prior-imagenet32 train-prior-imagenet64 evaluate sample encode compress decompress bench tables clean
 
 help:  ## list the targets (colour only on a terminal)
 	@if [ -t 1 ]; then on='\033[36m'; off='\033[0m'; else on=; off=; fi; \
@@ -33,8 +37,13 @@ test:  ## run the fast CPU test suite (no slow or gpu tests)
 test-all:  ## run every CPU test, slow ones included
 	$(PY) -m pytest -m "not gpu" -n 2 --dist loadgroup $(ARGS)
 
-lint:  ## ruff check
-	$(PY) -m ruff check lightning_dq tests benchmarks experiments
+lint:  ## ruff check and ruff format --check (what CI's test_package checks)
+	$(PY) -m ruff check lightning_dq tests benchmarks experiments && \
+	$(PY) -m ruff format --check lightning_dq tests benchmarks experiments
+
+format:  ## ruff format and the fixable ruff checks over package, tests, benchmarks and experiments
+	$(PY) -m ruff format lightning_dq tests benchmarks experiments && \
+	$(PY) -m ruff check --fix lightning_dq tests benchmarks experiments
 
 demo:  ## train a small DQ auto-encoder on real images for a few minutes on CPU (DATA_ROOT=data/)
 	$(CLI) fit $(BASE) --config configs/demo.yaml $(ROOT) $(ARGS)
@@ -76,6 +85,15 @@ evaluate:  ## figures A, B, C on the whole test split (CONFIG=prior_cifar10 PRIO
 
 sample:  ## sample images from a trained prior (PRIOR_CKPT=path) into a PNG grid
 	$(PY) experiments/sample.py --checkpoint $(PRIOR_CKPT) $(ARGS)
+
+encode:  ## every split's codes once, for a prior's --data.init_args.codes (AE_CKPT=path CONFIG=demo OUT=runs/demo/codes)
+	$(CLI) encode --ckpt $(AE_CKPT) $(BASE) --config configs/$(CONFIG).yaml $(ROOT) --out $(OUT) $(ARGS)
+
+compress:  ## images -> one lossless file of figure C's size (PRIOR_CKPT=path IMAGES="a.png b.png" OUT=images.ldq)
+	$(CLI) compress --ckpt $(PRIOR_CKPT) $(IMAGES) --out $(OUT) $(ARGS)
+
+decompress:  ## a compressed file -> its images as PNG, bit for bit (FILE=images.ldq OUT=decoded/)
+	$(CLI) decompress $(FILE) --out $(OUT) $(ARGS)
 
 bench:  ## run the CPU benchmarks (ratios of interleaved runs) and rewrite their tables in docs/benchmarks.md
 	$(PY) benchmarks/train_step.py --parity-steps 10 --docs docs/benchmarks.md && \

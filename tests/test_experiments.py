@@ -188,3 +188,19 @@ def test_analyses_read_the_trained_runs(grid_run, tmp_path):
 def test_missing_runs_are_named_in_the_error(tmp_path):
     with pytest.raises(common.CheckpointError, match=str(tmp_path)):
         common.trained_net(tmp_path / "dq_kaiming_M4_seed0")
+
+
+def test_demo_pipeline_smoke_ema_leaves_the_raw_training_alone(tmp_path):
+    load("demo_pipeline").main(["--smoke", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "demo_pipeline.json").read_text())
+    off, on = result["runs"]
+    assert (off["ema_decay"], on["ema_decay"]) == (0.0, 0.99) and off["val_A_raw"] is None
+    # the same seed, data and steps: the EMA run's raw weights are the weights of the run without EMA
+    assert on["val_A_raw"] == pytest.approx(off["val_A"], abs=1e-6) and on["val_A"] != off["val_A"]
+    for run in (off, on):
+        assert run["whole_split"] and run["coded"]["images"] == run["test_images"] == 24
+        assert run["coded"]["bpd_coded"] > run["test"]["C bpd_prior"]  # 24 tiny images: the file header shows
+    assert set(result["general_codecs"]) == {"PNG", "WebP lossless"}
+    trip = result["round_trip"]
+    assert trip["pixel_identical"] == trip["images"] == 24 and trip["bytes"] == trip["report_bytes"]
+    assert "| EMA decay |" in (tmp_path / "demo_pipeline.md").read_text()

@@ -204,3 +204,21 @@ def test_demo_pipeline_smoke_ema_leaves_the_raw_training_alone(tmp_path):
     trip = result["round_trip"]
     assert trip["pixel_identical"] == trip["images"] == 24 and trip["bytes"] == trip["report_bytes"]
     assert "| EMA decay |" in (tmp_path / "demo_pipeline.md").read_text()
+
+
+def test_verdict_rule_on_differences_with_known_intervals():
+    verdicts = load("verdicts")
+    # d = 1, 2, 3: mean 2, sample std 1, half width t(0.975, 2) * 1 / sqrt(3) = 4.303 / 1.732 = 2.484
+    v = verdicts.verdict([1.0, 2.0, 3.0])
+    assert v["mean"] == pytest.approx(2.0) and v["std"] == pytest.approx(1.0)
+    assert v["ci95"] == pytest.approx([2.0 - 2.4844, 2.0 + 2.4844], abs=1e-3)
+    assert v["verdict"] == "inconclusive" and v["dq_worse_in"] == 3
+    # d = -6, -5, -4: -5 +- 2.48 = [-7.48, -2.52], all below 0
+    assert verdicts.verdict([-6.0, -5.0, -4.0])["verdict"] == "holds"
+    assert verdicts.verdict([4.0, 5.0, 6.0])["verdict"] == "does not hold"
+    assert verdicts.verdict([-0.1])["verdict"].startswith("inconclusive")
+    # the mean paired curve flips sign at the first step of the new sign
+    dq = [{"step": 1, "A": 5.0}, {"step": 2, "A": 4.0}, {"step": 3, "A": 3.0}]
+    vq = [{"step": 1, "A": 4.5}, {"step": 2, "A": 4.5}, {"step": 3, "A": 3.5}]
+    curve, flips = verdicts.sign_changes({0: (dq, vq)}, "A")
+    assert curve == [(1, 0.5), (2, -0.5), (3, -0.5)] and flips == [2]

@@ -1,14 +1,15 @@
 """The demo pipeline measured end to end: `make demo` then `make demo-prior` (configs/demo.yaml, prior_demo.yaml),
-once without and once with an EMA of the weights, and the lossless codec on the whole test split.
+once without and once with an EMA of the weights, and the lossless codec on the test split.
 
-    .venv/bin/python experiments/demo_pipeline.py --data-root ../shared/data --out runs/exp/demo_pipeline
+    .venv/bin/python experiments/demo_pipeline.py --data-root ../shared/data/cifar10-jpeg75 --out runs/exp/demo_pipeline
     .venv/bin/python experiments/demo_pipeline.py --smoke --out /tmp/demo_pipeline
 
 For each `--ema` decay (0 = off): the demo auto-encoder (same seed, data and steps), a demo prior on its codes, and
-`test` of the prior with the test split coded losslessly (`evaluation_report.coded_images=-1`): val A of the
-auto-encoder's last epoch (EMA and raw weights), test A, B, C and the bits actually written. The same test images
-are also written as PNG (Pillow, optimize) and lossless WebP (method 6), one file per image, for the bits/dim a
-general-purpose lossless codec needs. Result: `demo_pipeline.json` and `.md`.
+`test` of the prior (A, B, C on the whole test split) with the split, or its first `--coded-images`, coded
+losslessly (`evaluation_report.coded_images`): val A of the auto-encoder's last epoch (EMA and raw weights), test A,
+B, C and the bits actually written. The coded images are also written as PNG (Pillow, optimize) and lossless WebP
+(method 6), one file per image, for the bits/dim a general-purpose lossless codec needs, and compressed and
+decompressed again through the Python API. Result: `demo_pipeline.json` and `.md`.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def last_validation(run_dir: Path) -> dict[str, float]:
     return [r for r in rows if "val/bpd_decoder" in r][-1]
 
 
-def pipeline(out: Path, decay: float, common: list[str], net: list[str]) -> dict:
+def pipeline(out: Path, decay: float, common: list[str], net: list[str], coded: int) -> dict:
     """The auto-encoder, the prior and the coded test of one EMA decay; their figures."""
     ae, prior = out / f"ema{decay:g}" / "ae", out / f"ema{decay:g}" / "prior"
     layers = [arg for path in LAYERS for arg in ("--config", str(path))]
@@ -88,7 +89,7 @@ def pipeline(out: Path, decay: float, common: list[str], net: list[str]) -> dict
     if not (prior / "fit.done").is_file():
         cli(["fit", *prior_args, "--ckpt_path=last"], prior / "fit.log")
         (prior / "fit.done").touch()
-    cli(["test", *prior_args, "--ckpt_path=last", "--evaluation_report.coded_images=-1"], prior / "test.log")
+    cli(["test", *prior_args, "--ckpt_path=last", f"--evaluation_report.coded_images={coded}"], prior / "test.log")
     report = json.loads((prior / "evaluation.json").read_text())
     val = last_validation(ae)
     return {
@@ -141,13 +142,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--data-root", default="data/", help="the folder holding cifar-10-batches-py")
     p.add_argument("--ema", type=float, nargs="+", default=[0.0, 0.99], help="EMA decays (0 = off)")
+    p.add_argument(
+        "--coded-images", type=int, default=-1, help="test images coded and round-tripped (-1: the whole split)"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny synthetic run (NOT real images): checks the script")
     args = p.parse_args(argv)
     out = Path(args.out)
     common = [f"--data.init_args.root={args.data_root}"] + (SMOKE if args.smoke else [])
-    results = [pipeline(out, decay, common, SMOKE_NET if args.smoke else []) for decay in args.ema]
+    net = SMOKE_NET if args.smoke else []
+    results = [pipeline(out, decay, common, net, args.coded_images) for decay in args.ema]
     first = Path(results[0]["runs"]["prior"])
     images = test_images(first)
+    images = images[: results[0]["coded"]["images"]]  # the coded ones
     codecs = general_codecs(images)
     trip = round_trip(first, images, results[0]["coded"]["bytes"])
     rows = []

@@ -99,7 +99,8 @@ bench:  ## run the CPU benchmarks (ratios of interleaved runs) and rewrite their
 	$(PY) benchmarks/train_step.py --parity-steps 10 --docs docs/benchmarks.md && \
 	$(PY) benchmarks/evaluation.py --docs docs/benchmarks.md && \
 	$(PY) benchmarks/profile_step.py --docs docs/benchmarks.md && \
-	$(PY) benchmarks/quantizer.py && $(PY) benchmarks/prior_sampling.py && $(PY) benchmarks/data_loading.py
+	$(PY) benchmarks/codec.py && $(PY) benchmarks/quantizer.py && $(PY) benchmarks/prior_sampling.py && \
+	$(PY) benchmarks/data_loading.py --root $(or $(DATA_ROOT),data/)
 
 tables:  ## build docs/likelihood_table.md from evaluation.json files (RUNS="runs/a runs/b")
 	$(PY) experiments/likelihood_table.py $(RUNS)

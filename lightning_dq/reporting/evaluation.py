@@ -7,6 +7,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from lightning_dq.codec import compress
+from lightning_dq.codec.container import write_atomic
 from lightning_dq.nn.figures import FIGURES
 from lightning_dq.reporting.wandb import wandb_loggers
 
@@ -20,7 +21,8 @@ class EvaluationReport(Callback):
 
     Args:
         coded_images: also compress the first N test images losslessly (`lightning_dq.codec`) and report the bits
-            written per dim, `bpd_coded`, next to figure C of the same images (-1: the whole split; 0: no coding).
+            written per dim, `bpd_coded`, next to figure C of the same images (-1: the whole split; 0: no coding);
+            the file is `test_coded.ldq` in the run directory (images `test_00000`, ... for `lightning-dq decompress`).
     """
 
     def __init__(self, coded_images: int = 0) -> None:
@@ -62,12 +64,17 @@ class EvaluationReport(Callback):
             dataset = loaders[0].dataset
             count = len(dataset) if self.coded_images < 0 else min(self.coded_images, len(dataset))
             batch = list(dataset[list(range(count))])
-            coded = compress(batch, pl_module.autoencoder, prior, resolution=report["resolution"])
+            names = [f"test_{i:05d}" for i in range(count)]
+            args = dict(resolution=report["resolution"], checkpoint=str(trainer.ckpt_path or ""))
+            coded = compress(batch, pl_module.autoencoder, prior, names, **args)
             bits = {"bpd_coded": coded.bits_per_dim, "bpd_estimated": coded.estimated_bits_per_dim}
             report["coded"] = {"images": count, **bits, "bytes": len(coded.data), "stream_bits": coded.payload_bits}
             figures["C coded"] = coded.bits_per_dim
         root = Path(trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)
+        if "coded" in report:  # the file itself: `lightning-dq decompress` gives the test images back
+            write_atomic(root / "test_coded.ldq", coded.data, "compressed file")
+            report["coded"]["file"] = str(root / "test_coded.ldq")
         (root / "evaluation.json").write_text(json.dumps(report, indent=1))
         images = f"{num_images}" if report["whole_split"] else f"{num_images} of {split_size} (PARTIAL)"
         cells = ["n/a" if v is None else f"{v:.4f}" for v in figures.values()]

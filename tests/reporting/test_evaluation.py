@@ -9,8 +9,10 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from lightning_dq.cli import main
@@ -135,6 +137,14 @@ def test_test_can_code_its_images_and_report_the_bits_written(prior_run, tmp_pat
     assert abs(coded["stream_bits"] / (6 * 3 * 32 * 32) - coded["bpd_estimated"]) < 0.01 * coded["bpd_estimated"]
     assert report["figures"]["C coded"] == coded["bpd_coded"]
     assert "C coded (bits written)" in (tmp_path / "evaluation.md").read_text()
+    # the bytes counted are a file on disk, and `lightning-dq decompress` gives the first 6 test images back
+    assert Path(coded["file"]).stat().st_size == coded["bytes"]
+    main(["decompress", coded["file"], "--out", str(tmp_path / "decoded")])
+    data = ImageDataModule(**yaml.safe_load((tmp_path / "config_test.yaml").read_text())["data"]["init_args"])
+    data.setup("test")
+    for i in range(6):
+        decoded = np.asarray(Image.open(tmp_path / "decoded" / f"test_{i:05d}.png")).transpose(2, 0, 1)
+        assert torch.equal(torch.from_numpy(decoded.copy()), data.test_dataloader().dataset[i])
 
 
 def _experiment(name: str):

@@ -75,6 +75,10 @@ def budget_report(folder: Path) -> dict[str, Any]:
             sweep.setdefault(r["spec"]["num_codebooks"], {})[r["spec"]["seed"]] = r["A"]
     common = set.intersection(*(set(v) for v in sweep.values())) if sweep else set()
     report["sweep_A"] = {m: (*mean_std([v[s] for s in sorted(common)]), len(common)) for m, v in sorted(sweep.items())}
+    if 1 in sweep and len(common) >= 2:  # "more codebooks help": A(M) - A(M=1) by seed, the same rule
+        report["sweep_vs_M1"] = {
+            m: verdict([v[s] - sweep[1][s] for s in sorted(common)]) for m, v in sweep.items() if m > 1
+        }
     return report
 
 
@@ -114,6 +118,11 @@ def markdown(reports: list[dict[str, Any]]) -> str:
             continue
         cells = [f"M={m}: {mean:.3f} ± {std:.3f} (n={n})" for m, (mean, std, n) in r["sweep_A"].items()]
         lines.append(f"- {r['steps']} steps, DQ val A by M at fixed memory: " + "; ".join(cells))
+        for m, v in r.get("sweep_vs_M1", {}).items():
+            ci = f"[{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
+            lines.append(
+                f"  - A(M={m}) - A(M=1), by seed: {v['mean']:+.3f} ± {v['std']:.3f}, 95% {ci}: **{v['verdict']}**"
+            )
     return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 """The compressed file: what identifies the networks it needs, and checks that refuse damage instead of decoding it.
 
-    magic b"LDQC" | version (1 byte) | header length (4 bytes) | header (UTF-8 JSON) | words (8-byte count, then uint32)
-    | SHA-256 of everything before it (32 bytes)
+    magic b"LDQC" | version (1 byte) | header length (4 bytes) | header (zlib-compressed UTF-8 JSON)
+    | words (8-byte count, then uint32) | SHA-256 of everything before it (32 bytes)
 
 All integers are little-endian. The header names the images and their sizes, the tiling, the content hash of the
 networks (decoding with others is refused), the software and thread count that wrote the file, and a SHA-256 of
@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import struct
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from lightning_dq.errors import DataError, disk_full
 
 MAGIC = b"LDQC"
-VERSION = 1
+VERSION = 2  # 2: the header is zlib-compressed (names and sizes of 10,000 images: 240 KB of JSON, ~1% of C)
 
 
 def network_hash(*networks: nn.Module) -> str:
@@ -68,7 +69,7 @@ def software() -> dict:
 
 def pack(header: Header, words: np.ndarray) -> bytes:
     """The file's bytes: header, coded words and checksum."""
-    text = json.dumps(asdict(header)).encode()
+    text = zlib.compress(json.dumps(asdict(header)).encode(), 9)
     body = MAGIC + bytes([VERSION]) + struct.pack("<I", len(text)) + text
     body += struct.pack("<Q", len(words)) + words.astype("<u4").tobytes()
     return body + hashlib.sha256(body).digest()
@@ -84,7 +85,7 @@ def unpack(data: bytes, source: str = "the data") -> tuple[Header, np.ndarray]:
     if data[4] != VERSION:
         raise DataError(f"{source} has format version {data[4]}; this lightning-dq reads version {VERSION}")
     (length,) = struct.unpack_from("<I", data, 5)
-    header = json.loads(data[9 : 9 + length])
+    header = json.loads(zlib.decompress(data[9 : 9 + length]))
     header["sizes"] = [tuple(size) for size in header["sizes"]]
     (count,) = struct.unpack_from("<Q", data, 9 + length)
     words = np.frombuffer(data, dtype="<u4", count=count, offset=17 + length).astype(np.uint32)

@@ -116,21 +116,22 @@ def test_a_b_c_recomputed_image_by_image_by_hand(prior_run):
     assert figures["C bpd_prior"] == pytest.approx(sum(c) / len(c), abs=2e-5)
 
 
-def test_an_evaluation_over_part_of_the_split_is_marked_partial(prior_run, tmp_path):
-    ckpt = prior_run / "checkpoints" / "last.ckpt"
-    args = [*LAYERS, "--config", str(CONFIGS / "prior_cifar10.yaml"), *SAMPLE, f"--trainer.default_root_dir={tmp_path}"]
+def evaluate_prior(prior_run: Path, out: Path, *extra: str) -> None:
+    """`lightning-dq test` of the shared prior run's last checkpoint, written to `out`."""
+    args = [*LAYERS, "--config", str(CONFIGS / "prior_cifar10.yaml"), *SAMPLE, f"--trainer.default_root_dir={out}"]
     args += ["--model.init_args.prior.init_args.dim=32", "--model.init_args.prior.init_args.depth=2"]
-    main(["test", *args, f"--ckpt_path={ckpt}", "--trainer.limit_test_batches=1", "--data.init_args.batch_size=8"])
+    main(["test", *args, f"--ckpt_path={prior_run / 'checkpoints' / 'last.ckpt'}", *extra])
+
+
+def test_an_evaluation_over_part_of_the_split_is_marked_partial(prior_run, tmp_path):
+    evaluate_prior(prior_run, tmp_path, "--trainer.limit_test_batches=1", "--data.init_args.batch_size=8")
     report = json.loads((tmp_path / "evaluation.json").read_text())
     assert (report["num_images"], report["whole_split"]) == (8, False) and report["split_size"] > 8
     assert f"| 8 of {report['split_size']} (PARTIAL) |" in (tmp_path / "evaluation.md").read_text()
 
 
 def test_test_can_code_its_images_and_report_the_bits_written(prior_run, tmp_path):
-    ckpt = prior_run / "checkpoints" / "last.ckpt"
-    args = [*LAYERS, "--config", str(CONFIGS / "prior_cifar10.yaml"), *SAMPLE, f"--trainer.default_root_dir={tmp_path}"]
-    args += ["--model.init_args.prior.init_args.dim=32", "--model.init_args.prior.init_args.depth=2"]
-    main(["test", *args, f"--ckpt_path={ckpt}", "--evaluation_report.coded_images=6", "--trainer.logger=false"])
+    evaluate_prior(prior_run, tmp_path, "--evaluation_report.coded_images=6", "--trainer.logger=false")
     report = json.loads((tmp_path / "evaluation.json").read_text())
     coded = report["coded"]
     assert coded["images"] == 6 and coded["bytes"] * 8 == pytest.approx(coded["bpd_coded"] * 6 * 3 * 32 * 32)

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -306,6 +305,18 @@ def summarize(results: list[dict[str, Any]], cfg: dict[str, Any]) -> tuple[dict[
     return summary, "\n".join(md)
 
 
+def band(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float], list[float], list[int]]:
+    """Mean and sample std of `key` over the runs at each validation step, and how many runs validated there: runs
+    stopped early (`--stop-delta`) leave the band at their last validation, the rest carry it on."""
+    at: dict[int, list[float]] = {}
+    for r in runs:
+        for point in r["curve"]:
+            at.setdefault(point["step"], []).append(point[key])
+    steps = sorted(at)
+    stats = [mean_std(at[s]) for s in steps]
+    return steps, [m for m, _ in stats], [s for _, s in stats], [len(at[s]) for s in steps]
+
+
 def plot_curves(results: list[dict[str, Any]], cfg: dict[str, Any], path: Path) -> None:
     """Validation A against steps, mean ± std band over seeds: DQ vs VQ per init, and the M sweep."""
     inits = [cfg["init"]] + sorted({r["spec"]["init"] for r in results} - {cfg["init"]})
@@ -330,12 +341,10 @@ def plot_curves(results: list[dict[str, Any]], cfg: dict[str, Any], path: Path) 
             runs = [r for r in results if all(r["spec"][k] == v for k, v in sel.items())]
             if not runs:
                 continue
-            steps = [p["step"] for p in runs[0]["curve"]]
-            curves = torch.tensor([[p["A"] for p in r["curve"]] for r in runs])  # (seeds, points)
-            mean = curves.mean(0)
-            std = curves.std(0) if len(runs) > 1 else torch.zeros_like(mean)
+            steps, mean, std, _ = band(runs, "A")
             ax.plot(steps, mean, marker="o", label=f"{label} (n={len(runs)})")
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.25)
+            low, high = zip(*((m - s, m + s) for m, s in zip(mean, std, strict=True)), strict=True)
+            ax.fill_between(steps, low, high, alpha=0.25)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)

@@ -64,6 +64,8 @@ def budget_report(folder: Path) -> dict[str, Any]:
         "steps": max((r["steps"] for r in main), default=0),
     }
     report["wall_seconds"] = sum(r["wall_seconds"] for r in results)
+    # with --stop-delta each run ends where its own A flattened: its final validation is the one compared
+    report["stopped_at"] = {s: [by_mode["dq"][s]["steps"], by_mode["vq"][s]["steps"]] for s in seeds}
     curves = {s: (by_mode["dq"][s]["curve"], by_mode["vq"][s]["curve"]) for s in seeds}
     for key in ("A", "mse"):
         diffs = [by_mode["dq"][s][key] - by_mode["vq"][s][key] for s in seeds]
@@ -113,6 +115,9 @@ def markdown(reports: list[dict[str, Any]]) -> str:
         "verdict",
     ]
     lines = [markdown_table(header, rows), ""]
+    for r in reports:
+        stops = "; ".join(f"seed {s}: DQ {dq}, VQ {vq}" for s, (dq, vq) in r["stopped_at"].items())
+        lines.append(f"- budget {r['steps']} steps, final validation (compared) at step: {stops}")
     for r in reports:
         if not r["sweep_A"] or not next(iter(r["sweep_A"].values()))[2]:
             continue

@@ -52,6 +52,30 @@ def sign_changes(curves: dict[int, tuple[list[dict], list[dict]]], key: str) -> 
     return mean_curve, flips
 
 
+CLAIMS = {
+    "A": "val A: DQ < VQ (last validation)",
+    "A_best": "val A: DQ < VQ (best validation)",
+    "A_matched": "val A: DQ < VQ (last step both validated)",
+    "mse": "val MSE: DQ < VQ (last validation)",
+}
+
+
+def compared_values(dq: dict[str, Any], vq: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """(DQ, VQ) values of one seed per claim in CLAIMS. Runs stopped early (--stop-delta) end at different steps and
+    their last validation may sit on a bump, so A is also compared at its best and at the last common step."""
+    common = max({p["step"] for p in dq["curve"]} & {p["step"] for p in vq["curve"]})
+
+    def at(result: dict[str, Any], step: int) -> float:
+        return next(p["A"] for p in result["curve"] if p["step"] == step)
+
+    return {
+        "A": (dq["A"], vq["A"]),
+        "A_best": (min(p["A"] for p in dq["curve"]), min(p["A"] for p in vq["curve"])),
+        "A_matched": (at(dq, common), at(vq, common)),
+        "mse": (dq["mse"], vq["mse"]),
+    }
+
+
 def budget_report(folder: Path) -> dict[str, Any]:
     """Verdicts of one dq_vs_vq.py output folder (one budget)."""
     results = [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*/result.json"))]
@@ -67,9 +91,10 @@ def budget_report(folder: Path) -> dict[str, Any]:
     # with --stop-delta each run ends where its own A flattened: its final validation is the one compared
     report["stopped_at"] = {s: [by_mode["dq"][s]["steps"], by_mode["vq"][s]["steps"]] for s in seeds}
     curves = {s: (by_mode["dq"][s]["curve"], by_mode["vq"][s]["curve"]) for s in seeds}
-    for key in ("A", "mse"):
-        diffs = [by_mode["dq"][s][key] - by_mode["vq"][s][key] for s in seeds]
-        mean_curve, flips = sign_changes(curves, key)
+    pairs = {s: compared_values(by_mode["dq"][s], by_mode["vq"][s]) for s in seeds}
+    for key in CLAIMS:
+        diffs = [dq - vq for dq, vq in (pairs[s][key] for s in seeds)]
+        mean_curve, flips = sign_changes(curves, "mse" if key == "mse" else "A")
         report[key] = verdict(diffs) | {"per_seed": diffs, "mean_curve": mean_curve, "sign_changes_at": flips}
     sweep: dict[int, dict[int, float]] = {}  # M -> seed -> A, compared over the seeds every M finished
     for r in results:
@@ -87,7 +112,7 @@ def budget_report(folder: Path) -> dict[str, Any]:
 def markdown(reports: list[dict[str, Any]]) -> str:
     rows = []
     for r in reports:
-        for key, claim in (("A", "val A: DQ < VQ"), ("mse", "val MSE: DQ < VQ")):
+        for key, claim in CLAIMS.items():
             v = r[key]
             ci = f"[{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]" if "ci95" in v else "-"
             per_seed = ", ".join(f"{d:+.4f}" for d in v["per_seed"])
@@ -117,7 +142,7 @@ def markdown(reports: list[dict[str, Any]]) -> str:
     lines = [markdown_table(header, rows), ""]
     for r in reports:
         stops = "; ".join(f"seed {s}: DQ {dq}, VQ {vq}" for s, (dq, vq) in r["stopped_at"].items())
-        lines.append(f"- budget {r['steps']} steps, final validation (compared) at step: {stops}")
+        lines.append(f"- budget {r['steps']} steps, last validation at step: {stops}")
     for r in reports:
         if not r["sweep_A"] or not next(iter(r["sweep_A"].values()))[2]:
             continue

@@ -236,3 +236,12 @@ def test_curve_band_over_runs_that_stopped_at_different_steps():
     assert steps == [1, 2, 3] and n == [2, 2, 1]
     assert mean == pytest.approx([5.5, 4.5, 4.5])
     assert std == pytest.approx([math.sqrt(0.5), math.sqrt(0.5), 0.0])  # sample std of two values 1 apart
+
+
+def test_runs_stopped_at_different_steps_are_compared_last_best_and_at_the_last_common_step():
+    verdicts = load("verdicts")
+    # DQ stopped at 2000; VQ went on to 3000 and ended on a bump above its best (4.0 at step 2000)
+    dq = {"A": 4.5, "mse": 0.02, "curve": [{"step": 1000, "A": 5.0}, {"step": 2000, "A": 4.5}]}
+    vq = {"A": 4.8, "mse": 0.01, "curve": [{"step": s, "A": a} for s, a in ((1000, 5.5), (2000, 4.0), (3000, 4.8))]}
+    values = verdicts.compared_values(dq, vq)
+    assert values == {"A": (4.5, 4.8), "A_best": (4.5, 4.0), "A_matched": (4.5, 4.0), "mse": (0.02, 0.01)}

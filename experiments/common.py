@@ -104,6 +104,14 @@ def fit_run(run_dir: Path, overrides: dict[str, Any], threads: int = 1) -> None:
         raise RuntimeError(f"training in {run_dir} failed (exit {done.returncode}): see {run_dir / 'fit.log'}")
 
 
+def on_schedule(curve: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A run's validation curve with each step put on the grid's schedule (multiples of the first validation's step):
+    a run continued from the checkpoint that a stopped fit wrote validates one step late (5,001, 6,001, ...: Lightning
+    issue #19367), and must still pair with the other runs' 5,000, 6,000, ..."""
+    every = curve[0]["step"]
+    return [point | {"step": round(point["step"] / every) * every} for point in curve]
+
+
 def validation_points(run_dir: Path) -> list[dict[str, float]]:
     """The validation rows of a run's metric record in order, each with `trained_steps`: the record's `step` is
     Lightning's 0-based index of the last optimizer step, so a validation after k steps has step k - 1."""

@@ -42,6 +42,7 @@ from common import (  # noqa: E402
     fmt_mean_std,
     markdown_table,
     mean_std,
+    on_schedule,
     trained_net,
     validation_points,
     write_outputs,
@@ -310,7 +311,7 @@ def band(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float], 
     stopped early (`--stop-delta`) leave the band at their last validation, the rest carry it on."""
     at: dict[int, list[float]] = {}
     for r in runs:
-        for point in r["curve"]:
+        for point in on_schedule(r["curve"]):
             at.setdefault(point["step"], []).append(point[key])
     steps = sorted(at)
     stats = [mean_std(at[s]) for s in steps]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, mean_std, write_outputs  # noqa: E402
+from common import markdown_table, mean_std, on_schedule, write_outputs  # noqa: E402
 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -79,6 +79,8 @@ def compared_values(dq: dict[str, Any], vq: dict[str, Any]) -> dict[str, tuple[f
 def budget_report(folder: Path) -> dict[str, Any]:
     """Verdicts of one dq_vs_vq.py output folder (one budget)."""
     results = [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*/result.json"))]
+    for r in results:
+        r["curve"] = on_schedule(r["curve"])
     main = [r for r in results if r["spec"]["num_codebooks"] == 4]
     by_mode = {mode: {r["spec"]["seed"]: r for r in main if r["spec"]["mode"] == mode} for mode in ("dq", "vq")}
     seeds = sorted(set(by_mode["dq"]) & set(by_mode["vq"]))

@@ -227,13 +227,14 @@ def test_verdict_rule_on_differences_with_known_intervals():
 
 def test_curve_band_over_runs_that_stopped_at_different_steps():
     dq_vs_vq = load("dq_vs_vq")
-    # run 0 stops early at step 2 (--stop-delta), run 1 validates at 1, 2, 3: the band at 3 is run 1 alone
+    # run 0 stops early at step 2000 (--stop-delta), run 1 validates at 1000, 2000 and, continued from the checkpoint
+    # a stopped fit wrote, one step late at 3001: the band at 3000 is run 1 alone
     runs = [
-        {"curve": [{"step": 1, "A": 5.0}, {"step": 2, "A": 4.0}]},
-        {"curve": [{"step": 1, "A": 6.0}, {"step": 2, "A": 5.0}, {"step": 3, "A": 4.5}]},
+        {"curve": [{"step": 1000, "A": 5.0}, {"step": 2000, "A": 4.0}]},
+        {"curve": [{"step": 1000, "A": 6.0}, {"step": 2000, "A": 5.0}, {"step": 3001, "A": 4.5}]},
     ]
     steps, mean, std, n = dq_vs_vq.band(runs, "A")
-    assert steps == [1, 2, 3] and n == [2, 2, 1]
+    assert steps == [1000, 2000, 3000] and n == [2, 2, 1]
     assert mean == pytest.approx([5.5, 4.5, 4.5])
     assert std == pytest.approx([math.sqrt(0.5), math.sqrt(0.5), 0.0])  # sample std of two values 1 apart
 

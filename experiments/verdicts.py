@@ -121,7 +121,7 @@ def markdown(reports: list[dict[str, Any]]) -> str:
             flips = ", ".join(str(s) for s in v["sign_changes_at"]) or "none"
             rows.append(
                 [
-                    r["steps"],
+                    f"{Path(r['folder']).name} ({r['steps']})",
                     claim,
                     v["n"],
                     f"{v['mean']:+.4f} ± {v.get('std', 0):.4f}",
@@ -132,7 +132,7 @@ def markdown(reports: list[dict[str, Any]]) -> str:
                 ]
             )
     header = [
-        "steps",
+        "budget (most steps)",
         "claim",
         "seeds",
         "DQ - VQ mean ± std",
@@ -144,7 +144,7 @@ def markdown(reports: list[dict[str, Any]]) -> str:
     lines = [markdown_table(header, rows), ""]
     for r in reports:
         stops = "; ".join(f"seed {s}: DQ {dq}, VQ {vq}" for s, (dq, vq) in r["stopped_at"].items())
-        lines.append(f"- budget {r['steps']} steps, last validation at step: {stops}")
+        lines.append(f"- {Path(r['folder']).name}, last validation at step: {stops}")
     for r in reports:
         if not r["sweep_A"] or not next(iter(r["sweep_A"].values()))[2]:
             continue

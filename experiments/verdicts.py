@@ -2,7 +2,8 @@
 along the validation curve the difference changes sign. Reads what experiments/dq_vs_vq.py wrote (each run's
 `result.json`: final and per-validation A and MSE on the same held-out images); trains nothing.
 
-    .venv/bin/python experiments/verdicts.py --budget runs/exp/b2500 --budget runs/exp/b10000 --out runs/exp/verdicts
+    .venv/bin/python experiments/verdicts.py --budget runs/exp/b2500 --budget runs/exp/b10000:result_stopped.json \
+        --budget runs/exp/b10000 --out runs/exp/verdicts
 
 Rule (a claim is "DQ lower than VQ" for val A and val MSE): with the per-seed differences d = DQ - VQ (same seed,
 same data order) and their two-sided 95% Student-t interval, the claim **holds** when the whole interval is below 0,
@@ -76,9 +77,16 @@ def compared_values(dq: dict[str, Any], vq: dict[str, Any]) -> dict[str, tuple[f
     }
 
 
-def budget_report(folder: Path) -> dict[str, Any]:
-    """Verdicts of one dq_vs_vq.py output folder (one budget)."""
-    results = [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*/result.json"))]
+def budget_report(budget: str) -> dict[str, Any]:
+    """Verdicts of one dq_vs_vq.py output folder (one budget), `FOLDER` or `FOLDER:FILE` to read each run's FILE
+    instead of its result.json (the stop-rule results kept as result_stopped.json when the runs were continued)."""
+    folder_name, _, file_name = budget.partition(":")
+    folder, file_name = Path(folder_name), file_name or "result.json"
+    results = [json.loads(p.read_text()) for p in sorted((folder / "runs").glob(f"*/{file_name}"))]
+    if not results:
+        raise SystemExit(
+            f"{folder}/runs/*/{file_name}: no such files; train the budget first (experiments/dq_vs_vq.py)"
+        )
     for r in results:
         r["curve"] = on_schedule(r["curve"])
     main = [r for r in results if r["spec"]["num_codebooks"] == 4]
@@ -86,6 +94,7 @@ def budget_report(folder: Path) -> dict[str, Any]:
     seeds = sorted(set(by_mode["dq"]) & set(by_mode["vq"]))
     report: dict[str, Any] = {
         "folder": str(folder),
+        "label": folder.name if file_name == "result.json" else f"{folder.name}:{file_name}",
         "seeds": seeds,
         "steps": max((r["steps"] for r in main), default=0),
     }
@@ -121,7 +130,7 @@ def markdown(reports: list[dict[str, Any]]) -> str:
             flips = ", ".join(str(s) for s in v["sign_changes_at"]) or "none"
             rows.append(
                 [
-                    f"{Path(r['folder']).name} ({r['steps']})",
+                    f"{r['label']} ({r['steps']})",
                     claim,
                     v["n"],
                     f"{v['mean']:+.4f} ± {v.get('std', 0):.4f}",
@@ -144,7 +153,7 @@ def markdown(reports: list[dict[str, Any]]) -> str:
     lines = [markdown_table(header, rows), ""]
     for r in reports:
         stops = "; ".join(f"seed {s}: DQ {dq}, VQ {vq}" for s, (dq, vq) in r["stopped_at"].items())
-        lines.append(f"- {Path(r['folder']).name}, last validation at step: {stops}")
+        lines.append(f"- {r['label']}, last validation at step: {stops}")
     for r in reports:
         if not r["sweep_A"] or not next(iter(r["sweep_A"].values()))[2]:
             continue
@@ -160,10 +169,12 @@ def markdown(reports: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budget", action="append", required=True, help="an output folder of experiments/dq_vs_vq.py")
+    p.add_argument(
+        "--budget", action="append", required=True, help="an output folder of experiments/dq_vs_vq.py, or FOLDER:FILE"
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    reports = [budget_report(Path(folder)) for folder in args.budget]
+    reports = [budget_report(budget) for budget in args.budget]
     text = markdown(reports)
     write_outputs(Path(args.out), "verdicts", {"budgets": reports}, "# DQ vs VQ verdicts per budget\n\n" + text)
     print(text)

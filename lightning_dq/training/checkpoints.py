@@ -238,6 +238,10 @@ class ResumeCheckpoint(ModelCheckpoint):
         if self._pending is None:
             return
         pending, self._pending = self._pending, None
+        # Lightning's restart from a mid-epoch checkpoint written after the step finished (the end-of-fit last.ckpt
+        # when max_steps or early stopping ends a fit mid-epoch) counts that step twice for the loggers: every later
+        # row and validation would be recorded one step late. Both count optimizer steps of our one optimizer.
+        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
         modules = dict(pl_module.named_modules())
         for name, states in pending["metrics"].items():
             metric = modules.get(name)

@@ -1,6 +1,7 @@
 """Exact resume: a fit SIGKILLed mid-epoch (in a real subprocess, during the second epoch of a progressive
 32px -> 64px schedule) and restarted with `--ckpt_path last` ends with exactly the weights (raw and EMA), EMA
-codebooks, optimizer state and epoch metrics (EMA and raw validation) of the same fit run without interruption."""
+codebooks, optimizer state and epoch metrics (EMA and raw validation) of the same fit run without interruption; a
+fit continued to more steps records its validations at their steps."""
 
 from __future__ import annotations
 
@@ -85,3 +86,24 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path):
     record_a, record_b = epoch_rows(straight), epoch_rows(killed)
     assert any(k.startswith("train/loss_64px_epoch@1") for k in record_a), sorted(record_a)
     assert record_a == record_b
+
+
+def test_a_fit_continued_to_more_steps_records_its_validations_at_their_steps(tmp_path):
+    # validation every 2 steps in one long epoch; the first fit ends mid-epoch at max_steps 4 and writes last.ckpt after
+    # its step 4 finished (newer than last-step.ckpt of step 3), the second continues from it to step 8: Lightning
+    # counted step 4 twice for the loggers, which recorded the later validations at 6 and 8 instead of 5 and 7
+    args = [
+        *ARGS[:5],
+        "--trainer.limit_val_batches=1",
+        "--trainer.max_epochs=null",
+        "--trainer.limit_train_batches=20",
+        "--trainer.val_check_interval=2",
+        "--trainer.check_val_every_n_epoch=null",
+        "--resume.every_n_train_steps=3",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    main(["fit", *args, "--trainer.max_steps=4"])
+    main(["fit", *args, "--trainer.max_steps=8", "--ckpt_path=last"])
+    with (tmp_path / "metrics.csv").open(newline="") as f:
+        steps = [int(float(row["step"])) for row in csv.DictReader(f) if row.get("val/loss")]
+    assert steps == [1, 3, 5, 7]  # the record's step is the 0-based index of the last optimizer step

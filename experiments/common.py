@@ -106,8 +106,8 @@ def fit_run(run_dir: Path, overrides: dict[str, Any], threads: int = 1) -> None:
 
 def on_schedule(curve: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A run's validation curve with each step put on the grid's schedule (multiples of the first validation's step):
-    a run continued from the checkpoint that a stopped fit wrote validates one step late (5,001, 6,001, ...: Lightning
-    issue #19367), and must still pair with the other runs' 5,000, 6,000, ..."""
+    runs continued with lightning_dq before the fix in ResumeCheckpoint from the checkpoint a stopped fit wrote
+    recorded their validations one step late (5,001, 6,001, ... for what ran at 5,000, 6,000, ...)."""
     every = curve[0]["step"]
     return [point | {"step": round(point["step"] / every) * every} for point in curve]
 

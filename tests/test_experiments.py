@@ -227,8 +227,8 @@ def test_verdict_rule_on_differences_with_known_intervals():
 
 def test_curve_band_over_runs_that_stopped_at_different_steps():
     dq_vs_vq = load("dq_vs_vq")
-    # run 0 stops early at step 2000 (--stop-delta), run 1 validates at 1000, 2000 and, continued from the checkpoint
-    # a stopped fit wrote, one step late at 3001: the band at 3000 is run 1 alone
+    # run 0 stops early at step 2000 (--stop-delta), run 1 validates at 1000, 2000 and 3000, recorded at 3001 (a run
+    # continued before the ResumeCheckpoint fix): the band at 3000 is run 1 alone
     runs = [
         {"curve": [{"step": 1000, "A": 5.0}, {"step": 2000, "A": 4.0}]},
         {"curve": [{"step": 1000, "A": 6.0}, {"step": 2000, "A": 5.0}, {"step": 3001, "A": 4.5}]},

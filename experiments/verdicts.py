@@ -89,6 +89,7 @@ def budget_report(budget: str) -> dict[str, Any]:
         )
     for r in results:
         r["curve"] = on_schedule(r["curve"])
+        r["steps"] = r["curve"][-1]["step"]  # the last validation is the run's last step
     main = [r for r in results if r["spec"]["num_codebooks"] == 4]
     by_mode = {mode: {r["spec"]["seed"]: r for r in main if r["spec"]["mode"] == mode} for mode in ("dq", "vq")}
     seeds = sorted(set(by_mode["dq"]) & set(by_mode["vq"]))

@@ -266,8 +266,9 @@ def summarize(results: list[dict[str, Any]], cfg: dict[str, Any]) -> tuple[dict[
             sweep_rows.append(cell_row([str(m), str(cell[0]["spec"]["code_dim"]), str(k)], cell))
     first = results[0]
     ref = next((r for r in results if r["spec"]["num_codebooks"] == m_main), first)
+    steps = max(on_schedule(r["curve"])[-1]["step"] for r in results)  # runs stopped early (--stop-delta) end sooner
     budget = (
-        f"{first['steps']} steps x {first['batch_size']} images per run, Adam lr {cfg['lr']}, fp32, gradient "
+        f"up to {steps} steps x {first['batch_size']} images per run, Adam lr {cfg['lr']}, fp32, gradient "
         f"clip 2.0; validation on the same {first['val_images']} held-out images"
     )
     md = [

@@ -100,7 +100,7 @@ def budget_report(budget: str) -> dict[str, Any]:
         "steps": max((r["steps"] for r in main), default=0),
     }
     report["wall_seconds"] = sum(r["wall_seconds"] for r in results)
-    # with --stop-delta each run ends where its own A flattened: its final validation is the one compared
+    # runs stopped by --stop-delta end at different steps: each run's last validation, named in the report
     report["stopped_at"] = {s: [by_mode["dq"][s]["steps"], by_mode["vq"][s]["steps"]] for s in seeds}
     curves = {s: (by_mode["dq"][s]["curve"], by_mode["vq"][s]["curve"]) for s in seeds}
     pairs = {s: compared_values(by_mode["dq"][s], by_mode["vq"][s]) for s in seeds}

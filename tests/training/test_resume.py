@@ -19,11 +19,9 @@ from lightning_dq.cli import main
 from lightning_dq.training.checkpoints import load_checkpoint_file
 from tests.helpers import CONFIGS, REPO
 
+LAYERS = ["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "debug.yaml")]
 ARGS = [
-    "--config",
-    str(CONFIGS / "base.yaml"),
-    "--config",
-    str(CONFIGS / "debug.yaml"),
+    *LAYERS,
     "--trainer.enable_model_summary=false",
     "--trainer.max_epochs=2",
     "--trainer.limit_train_batches=4",
@@ -93,7 +91,8 @@ def test_a_fit_continued_to_more_steps_records_its_validations_at_their_steps(tm
     # its step 4 finished (newer than last-step.ckpt of step 3), the second continues from it to step 8: Lightning
     # counted step 4 twice for the loggers, which recorded the later validations at 6 and 8 instead of 5 and 7
     args = [
-        *ARGS[:5],
+        *LAYERS,
+        "--trainer.enable_model_summary=false",
         "--trainer.limit_val_batches=1",
         "--trainer.max_epochs=null",
         "--trainer.limit_train_batches=20",
